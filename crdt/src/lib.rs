@@ -1,0 +1,13 @@
+//! Protocol and document logic of collab, free of I/O.
+//!
+//! [`protocol`] turns untrusted WebSocket frames into validated messages and encodes the
+//! messages the server sends (one per frame). [`document`] owns a yrs document and its awareness
+//! and reports, for every input, exactly what changed so the caller can persist and broadcast it.
+
+pub mod document;
+pub mod protocol;
+
+pub use document::{AwarenessChange, Document, DocumentError};
+pub use protocol::{decode_frame, ClientMessage, ProtocolError};
+pub use yrs::sync::awareness::AwarenessUpdate;
+pub use yrs::{ClientID, StateVector, Update};
