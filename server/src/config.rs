@@ -53,6 +53,11 @@ pub struct Config {
     )]
     pub max_awareness_per_connection: usize,
 
+    /// Fault injection for tests: delay every storage flush by this many milliseconds, which
+    /// widens the window in which an update is written but not yet durable.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub debug_flush_delay_ms: u64,
+
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "COLLAB_WORKERS")]
     pub workers: Option<usize>,

@@ -489,7 +489,7 @@ impl Actor for DocActor {
             .into_actor(self)
             .map(|(result, took), act, ctx| match result {
                 Ok(loaded) => {
-                    debug!(doc = %act.name, entries = loaded.log_count, ?took, "document loaded");
+                    info!(doc = %act.name, entries = loaded.log_count, ?took, "document loaded");
                     act.document = Some(loaded.document);
                     act.next_seq = loaded.next_seq;
                     act.log_count = loaded.log_count;

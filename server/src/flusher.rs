@@ -25,7 +25,7 @@ pub enum FlushError {
 impl Flusher {
     /// Starts the flusher task on the current runtime. Each document actor has at most one
     /// request outstanding, so the unbounded queue is bounded by the number of open documents.
-    pub fn start(store: Arc<dyn Store>) -> Flusher {
+    pub fn start(store: Arc<dyn Store>, delay: std::time::Duration) -> Flusher {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         actix_rt::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -35,7 +35,12 @@ impl Flusher {
                     waiters.push(w);
                 }
                 let store = store.clone();
-                let result = match tokio::task::spawn_blocking(move || store.flush()).await {
+                let result = match tokio::task::spawn_blocking(move || {
+                    std::thread::sleep(delay);
+                    store.flush()
+                })
+                .await
+                {
                     Ok(r) => r.map_err(Arc::new),
                     Err(join) => Err(Arc::new(StoreError::Corrupt {
                         doc: String::new(),

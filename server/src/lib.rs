@@ -122,7 +122,10 @@ pub async fn serve(
     report_stored_documents(&store);
     let store: Arc<dyn Store> = Arc::new(store);
     let config = Arc::new(config);
-    let flusher = Flusher::start(store.clone());
+    let flusher = Flusher::start(
+        store.clone(),
+        std::time::Duration::from_millis(config.debug_flush_delay_ms),
+    );
     let registry = Registry::new(store.clone(), flusher, config.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

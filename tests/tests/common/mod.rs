@@ -1,0 +1,394 @@
+//! Test harness: the real `collab` binary as a child process and WebSocket clients that hold real
+//! yrs documents and behave like the y-websocket client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use yrs::encoding::read::Cursor;
+use yrs::sync::awareness::{Awareness, AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::sync::protocol::{Message, MessageReader, SyncMessage};
+use yrs::updates::decoder::{Decode, DecoderV1};
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Path of the `collab` binary: `COLLAB_BIN`, else the one built next to this test executable.
+pub fn collab_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("COLLAB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("collab{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p collab-server --bin collab)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: tempfile::TempDir,
+    pub args: Vec<String>,
+    log_path: PathBuf,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        let data = tempfile::tempdir().expect("temp dir");
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let log_path = data.path().join("server.log");
+        let (child, addr) = spawn(&data.path().join("db"), "127.0.0.1:0", &args, &log_path);
+        Server {
+            child: Some(child),
+            addr,
+            data,
+            args,
+            log_path,
+        }
+    }
+
+    pub fn url(&self, doc: &str) -> String {
+        format!("ws://{}/{}", self.addr, doc)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data.path().join("db")
+    }
+
+    /// SIGTERM; asserts a clean exit.
+    pub fn terminate(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                assert!(st.success(), "server exited with {st} after SIGTERM");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+    }
+
+    /// Starts again on the same data folder (and a new port).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the server first");
+        let (child, addr) = spawn(&self.db_path(), "127.0.0.1:0", &self.args, &self.log_path);
+        self.child = Some(child);
+        self.addr = addr;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("wait").is_none())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(db: &Path, addr: &str, args: &[String], log: &Path) -> (Child, SocketAddr) {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut child = Command::new(collab_bin())
+        .arg("--addr")
+        .arg(addr)
+        .arg("--data-dir")
+        .arg(db)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .expect("start collab");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                let _ = tx.send(a.trim().parse::<SocketAddr>().expect("address"));
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(WAIT)
+        .expect("server did not print its address");
+    (child, addr)
+}
+
+/// What a client saw of its connection.
+#[derive(Default)]
+pub struct Seen {
+    pub frames: Vec<Vec<u8>>,
+    /// Number of y-protocols messages in each received binary frame.
+    pub messages_per_frame: Vec<usize>,
+    pub synced: bool,
+    pub close_code: Option<u16>,
+    pub closed: bool,
+    pub updates_received: usize,
+}
+
+/// A WebSocket client holding a real yrs document, answering the server like y-websocket does.
+pub struct Client {
+    pub doc: Doc,
+    pub awareness: Arc<Mutex<Awareness>>,
+    pub seen: Arc<Mutex<Seen>>,
+    out: mpsc::UnboundedSender<WsMessage>,
+    awareness_clock: u32,
+}
+
+fn apply(doc: &Doc, update: &[u8]) {
+    let u = Update::decode_v1(update).expect("server sent a valid update");
+    doc.transact_mut().apply_update(u).expect("update applies");
+}
+
+impl Client {
+    /// Connects and sends SyncStep1, as WebsocketProvider does on open.
+    pub async fn connect(url: &str) -> Client {
+        Self::connect_with(url, Doc::new()).await
+    }
+
+    pub async fn connect_with(url: &str, doc: Doc) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let (mut sink, mut stream) = ws.split();
+        let (out, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
+        tokio::spawn(async move {
+            while let Some(m) = out_rx.recv().await {
+                if sink.send(m).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let awareness = Arc::new(Mutex::new(Awareness::new(doc.clone())));
+        {
+            let (seen, doc, awareness, out) =
+                (seen.clone(), doc.clone(), awareness.clone(), out.clone());
+            tokio::spawn(async move {
+                while let Some(msg) = stream.next().await {
+                    match msg {
+                        Ok(WsMessage::Binary(frame)) => {
+                            let mut decoder = DecoderV1::new(Cursor::new(&frame));
+                            let msgs: Vec<Message> = MessageReader::new(&mut decoder)
+                                .collect::<Result<_, _>>()
+                                .expect("server frame decodes");
+                            let mut s = seen.lock().unwrap();
+                            s.frames.push(frame.to_vec());
+                            s.messages_per_frame.push(msgs.len());
+                            for m in msgs {
+                                match m {
+                                    Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                                        let diff = doc.transact().encode_diff_v1(&sv);
+                                        let reply =
+                                            Message::Sync(SyncMessage::SyncStep2(diff)).encode_v1();
+                                        let _ = out.send(WsMessage::Binary(reply.into()));
+                                    }
+                                    Message::Sync(SyncMessage::SyncStep2(u)) => {
+                                        apply(&doc, &u);
+                                        s.synced = true;
+                                    }
+                                    Message::Sync(SyncMessage::Update(u)) => {
+                                        apply(&doc, &u);
+                                        s.updates_received += 1;
+                                    }
+                                    Message::Awareness(u) => {
+                                        awareness.lock().unwrap().apply_update(u).unwrap();
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                        Ok(WsMessage::Close(frame)) => {
+                            let mut s = seen.lock().unwrap();
+                            s.close_code = frame.map(|f| u16::from(f.code));
+                            s.closed = true;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                seen.lock().unwrap().closed = true;
+            });
+        }
+        let client = Client {
+            doc,
+            awareness,
+            seen,
+            out,
+            awareness_clock: 0,
+        };
+        let sv = client.doc.transact().state_vector();
+        client.send_raw(Message::Sync(SyncMessage::SyncStep1(sv)).encode_v1());
+        client
+    }
+
+    pub fn send_raw(&self, bytes: Vec<u8>) {
+        let _ = self.out.send(WsMessage::Binary(bytes.into()));
+    }
+
+    pub fn send_text(&self, text: &str) {
+        let _ = self.out.send(WsMessage::Text(text.into()));
+    }
+
+    pub fn close(&self) {
+        let _ = self.out.send(WsMessage::Close(None));
+    }
+
+    /// Edits the local document and sends the update, like a Yjs binding would.
+    pub fn insert(&self, index: u32, s: &str) -> Vec<u8> {
+        let text = self.doc.get_or_insert_text("t");
+        let mut txn = self.doc.transact_mut();
+        text.insert(&mut txn, index, s);
+        let update = txn.encode_update_v1();
+        drop(txn);
+        self.send_raw(Message::Sync(SyncMessage::Update(update.clone())).encode_v1());
+        update
+    }
+
+    pub fn remove(&self, index: u32, len: u32) {
+        let text = self.doc.get_or_insert_text("t");
+        let mut txn = self.doc.transact_mut();
+        text.remove_range(&mut txn, index, len);
+        let update = txn.encode_update_v1();
+        drop(txn);
+        self.send_raw(Message::Sync(SyncMessage::Update(update)).encode_v1());
+    }
+
+    pub fn len(&self) -> u32 {
+        let text = self.doc.get_or_insert_text("t");
+        text.len(&self.doc.transact())
+    }
+
+    pub fn text(&self) -> String {
+        let text = self.doc.get_or_insert_text("t");
+        text.get_string(&self.doc.transact())
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.doc.client_id().get()
+    }
+
+    pub fn awareness_message(&mut self, json: &str) -> Vec<u8> {
+        self.awareness_clock += 1;
+        let mut update = AwarenessUpdate {
+            clients: HashMap::new(),
+        };
+        update.clients.insert(
+            self.doc.client_id(),
+            AwarenessUpdateEntry {
+                clock: self.awareness_clock,
+                json: json.into(),
+            },
+        );
+        Message::Awareness(update).encode_v1()
+    }
+
+    pub fn set_awareness(&mut self, json: &str) {
+        let m = self.awareness_message(json);
+        self.send_raw(m);
+    }
+
+    /// Awareness states this client currently knows (removed ones excluded).
+    pub fn awareness_states(&self) -> HashMap<u64, String> {
+        self.awareness
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, s)| s.data.map(|d| (id.get(), d.to_string())))
+            .collect()
+    }
+
+    pub async fn wait_synced(&self) {
+        self.wait_for("synced", |c| c.seen.lock().unwrap().synced)
+            .await;
+    }
+
+    pub async fn wait_text(&self, expected: &str) {
+        let what = format!("text {expected:?}");
+        if !wait_until(WAIT, || self.text() == expected).await {
+            panic!("timed out waiting for {what}; have {:?}", self.text());
+        }
+    }
+
+    pub async fn wait_closed(&self) -> Option<u16> {
+        self.wait_for("close", |c| c.seen.lock().unwrap().closed)
+            .await;
+        self.seen.lock().unwrap().close_code
+    }
+
+    pub async fn wait_for(&self, what: &str, cond: impl Fn(&Client) -> bool) {
+        if !wait_until(WAIT, || cond(self)).await {
+            panic!("timed out waiting for {what}");
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.seen.lock().unwrap().closed
+    }
+}
+
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Connects and waits for the first sync.
+pub async fn synced_client(url: &str) -> Client {
+    let c = Client::connect(url).await;
+    c.wait_synced().await;
+    c
+}
