@@ -3,7 +3,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use thiserror::Error;
-use yrs::sync::awareness::{Awareness, AwarenessUpdate};
+use yrs::sync::awareness::{Awareness, AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
@@ -149,25 +149,31 @@ impl Document {
 
     /// Marks the given clients as gone; returns the removal message to broadcast, if any of them
     /// still had a state.
+    ///
+    /// The removal keeps each client's clock, as y-protocols' `removeAwarenessStates` does for
+    /// remote clients. yrs's `remove_state` bumps it, and then a client that reconnects with the
+    /// same id is ignored by every peer until its clock passes the bumped one (up to two 15 s
+    /// renewals without presence).
     pub fn remove_awareness(&mut self, clients: &[ClientID]) -> Option<Vec<u8>> {
-        let live: Vec<ClientID> = clients
-            .iter()
-            .copied()
-            .filter(|c| self.awareness.meta(*c).is_some() && self.has_awareness_state(*c))
-            .collect();
-        for c in &live {
-            self.awareness.remove_state(*c);
+        let mut update = AwarenessUpdate {
+            clients: Default::default(),
+        };
+        for c in clients {
+            if let Some((clock, _)) = self.awareness.meta(*c) {
+                update.clients.insert(
+                    *c,
+                    AwarenessUpdateEntry {
+                        clock,
+                        json: "null".into(),
+                    },
+                );
+            }
         }
-        if live.is_empty() {
+        let summary = self.awareness.apply_update_summary(update).ok()??;
+        if summary.removed.is_empty() {
             return None;
         }
-        self.awareness_message_for(live)
-    }
-
-    fn has_awareness_state(&self, client: ClientID) -> bool {
-        self.awareness
-            .iter()
-            .any(|(id, s)| id == client && s.data.is_some())
+        self.awareness_message_for(summary.removed)
     }
 
     /// All current awareness states, or `None` when nobody has announced one.
@@ -294,6 +300,8 @@ mod tests {
             panic!("not awareness");
         };
         assert_eq!(&*a.clients[&id].json, "null");
+        // Same clock as the last announcement (2), exactly as the reference server sends it.
+        assert_eq!(a.clients[&id].clock, 2);
         assert!(server.remove_awareness(&[id]).is_none());
         assert!(server.awareness_message().is_none());
     }

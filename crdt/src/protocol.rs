@@ -157,6 +157,20 @@ pub fn encode_update(update: &[u8]) -> Vec<u8> {
     sync_message(SYNC_UPDATE, update)
 }
 
+/// One `sync/Update` carrying all of `updates` (merged when there are several), so a batch
+/// released together costs each recipient one frame instead of one per edit.
+pub fn encode_updates(updates: &[Vec<u8>]) -> Vec<u8> {
+    match updates {
+        [one] => encode_update(one),
+        many => match yrs::merge_updates_v1(many) {
+            Ok(merged) => encode_update(&merged),
+            // Every input is a diff this server produced and applied, so merging cannot fail;
+            // if it somehow did, a lossless fallback is to concatenate per-update messages.
+            Err(_) => many.iter().flat_map(|u| encode_update(u)).collect(),
+        },
+    }
+}
+
 /// `awareness(update)`.
 pub fn encode_awareness(update: &AwarenessUpdate) -> Vec<u8> {
     let mut enc = EncoderV1::new();
@@ -275,6 +289,29 @@ mod tests {
                 .collect();
             let _ = decode_frame(&frame);
         }
+    }
+
+    #[test]
+    fn a_batch_of_updates_is_one_message() {
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        let updates: Vec<Vec<u8>> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut txn = doc.transact_mut();
+                text.insert(&mut txn, i as u32, s);
+                txn.encode_update_v1()
+            })
+            .collect();
+        let msgs = decode_frame(&encode_updates(&updates)).unwrap();
+        let Ok([ClientMessage::Update(u)]) = <[ClientMessage; 1]>::try_from(msgs) else {
+            panic!("expected one update message");
+        };
+        let other = Doc::new();
+        let t = other.get_or_insert_text("t");
+        other.transact_mut().apply_update(u).unwrap();
+        assert_eq!(t.get_string(&other.transact()), "abc");
     }
 
     #[test]

@@ -112,7 +112,9 @@ struct Conn {
 }
 
 enum Pending {
-    All(Bytes),
+    /// An applied update's diff, broadcast to everyone once durable.
+    Update(Vec<u8>),
+    /// A message for one connection that reveals content (a SyncStep2 answer).
     One(Uuid, Bytes),
 }
 
@@ -294,26 +296,43 @@ impl DocActor {
             return;
         }
         let durable: Vec<Pending> = self.pending.drain(..covered).collect();
-        for p in durable {
-            match p {
-                Pending::All(bytes) => self.broadcast(bytes, ctx),
-                Pending::One(conn, bytes) => self.send_to(conn, bytes, ctx),
-            }
-        }
+        self.deliver(durable, ctx);
         self.request_flush(ctx);
         self.maybe_compact(ctx);
     }
 
-    /// Sends content-revealing output now if nothing is waiting for durability, else in order
-    /// behind the pending writes.
-    fn release(&mut self, p: Pending, ctx: &mut Context<Self>) {
-        if self.pending.is_empty() {
-            match p {
-                Pending::All(bytes) => self.broadcast(bytes, ctx),
-                Pending::One(conn, bytes) => self.send_to(conn, bytes, ctx),
+    /// Sends durable output in order. Consecutive updates go out as one merged message, so a
+    /// burst costs each recipient one frame (and one queue slot) per flush, not one per edit.
+    fn deliver(&mut self, items: Vec<Pending>, ctx: &mut Context<Self>) {
+        let mut run: Vec<Vec<u8>> = Vec::new();
+        for item in items {
+            match item {
+                Pending::Update(diff) => run.push(diff),
+                Pending::One(conn, bytes) => {
+                    self.broadcast_updates(&mut run, ctx);
+                    self.send_to(conn, bytes, ctx);
+                }
             }
+        }
+        self.broadcast_updates(&mut run, ctx);
+    }
+
+    fn broadcast_updates(&mut self, run: &mut Vec<Vec<u8>>, ctx: &mut Context<Self>) {
+        if run.is_empty() {
+            return;
+        }
+        let msg = Bytes::from(collab_crdt::protocol::encode_updates(run));
+        run.clear();
+        self.broadcast(msg, ctx);
+    }
+
+    /// Sends a SyncStep2 now if nothing is waiting for durability, else in order behind the
+    /// pending writes it may include.
+    fn release_step2(&mut self, conn: Uuid, bytes: Bytes, ctx: &mut Context<Self>) {
+        if self.pending.is_empty() {
+            self.send_to(conn, bytes, ctx);
         } else {
-            self.pending.push(p);
+            self.pending.push(Pending::One(conn, bytes));
         }
     }
 
@@ -406,7 +425,7 @@ impl DocActor {
                 } else {
                     Bytes::from(doc.sync_step2_message(&sv))
                 };
-                self.release(Pending::One(conn, bytes), ctx);
+                self.release_step2(conn, bytes, ctx);
             }
             ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
                 match doc.apply_update(update) {
@@ -421,8 +440,7 @@ impl DocActor {
                         self.next_seq += 1;
                         self.log_count += 1;
                         self.log_bytes += diff.len() as u64;
-                        let msg = Bytes::from(collab_crdt::protocol::encode_update(&diff));
-                        self.pending.push(Pending::All(msg));
+                        self.pending.push(Pending::Update(diff));
                         self.request_flush(ctx);
                     }
                     Err(e) => {

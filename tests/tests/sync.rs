@@ -142,6 +142,10 @@ async fn awareness_is_relayed_and_removed_on_disconnect() {
     {
         panic!("a's presence was not removed within 2 s");
     }
+    // The removal keeps a's clock (1), as the reference server does; a bumped clock would make
+    // peers ignore a when it reconnects with the same id.
+    let meta = b.awareness.lock().unwrap().meta(yrs::ClientID::new(a_id));
+    assert_eq!(meta.map(|(clock, _)| clock), Some(1));
 }
 
 #[tokio::test]
