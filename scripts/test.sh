@@ -14,3 +14,10 @@ cargo test --workspace
 
 echo "== interop: npm yjs + y-websocket WebsocketProvider against collab"
 (cd tests/interop && npm ci --no-audit --no-fund && node --test)
+
+echo "== demo page: the committed bundle matches a fresh build"
+(cd web-demo && npm ci --no-audit --no-fund && npm run build)
+git diff --exit-code -- web-demo/dist
+
+echo "== browser: the demo page in headless Chromium (/usr/bin/chromium)"
+(cd tests/browser && npm ci --no-audit --no-fund && node --test)
