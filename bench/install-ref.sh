@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the reference server the benchmark compares against into bench/.ref (git-ignored):
+# @y/websocket-server 0.1.1 (the last release on yjs 13 that still reads YPERSISTENCE), with the
+# optional LevelDB persistence. Does nothing when that exact set is already installed.
+set -euo pipefail
+REF="$(cd "$(dirname "$0")" && pwd)/.ref"
+mkdir -p "$REF"
+cat > "$REF/package.json.new" <<'JSON'
+{
+  "name": "collab-bench-reference",
+  "private": true,
+  "description": "Reference y-websocket server for bench/run.sh (written by bench/install-ref.sh)",
+  "dependencies": {
+    "@y/websocket-server": "0.1.1",
+    "yjs": "13.6.33",
+    "y-leveldb": "0.1.2",
+    "ws": "6.2.3"
+  }
+}
+JSON
+if cmp -s "$REF/package.json.new" "$REF/package.json" \
+  && [ -f "$REF/node_modules/@y/websocket-server/package.json" ] \
+  && (cd "$REF" && node -e "require('leveldown')") 2>/dev/null; then
+  rm "$REF/package.json.new"
+  exit 0
+fi
+mv "$REF/package.json.new" "$REF/package.json"
+(cd "$REF" && npm install --no-audit --no-fund --loglevel=error)
+# leveldown ships prebuilt binaries for linux-x64; check that persistence can load.
+(cd "$REF" && node -e "require('leveldown'); require('y-leveldb')") \
+  || { echo "install-ref.sh: leveldown does not load; YPERSISTENCE runs will fail" >&2; exit 1; }
+echo "reference server installed in $REF"

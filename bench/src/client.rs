@@ -1,0 +1,175 @@
+//! A light y-websocket client: connect, handshake like WebsocketProvider, then read raw frames.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::proto::{self, Msg};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Sink = SplitSink<Ws, Message>;
+pub type Stream = SplitStream<Ws>;
+
+pub struct Synced {
+    pub sink: Sink,
+    pub stream: Stream,
+    /// From before the TCP connect to the SyncStep2 frame read.
+    pub sync_time: Duration,
+    /// Size of the SyncStep2 payload (the update).
+    pub step2_bytes: usize,
+}
+
+/// Connection problems seen during a run: unexpected closes and errors, with a few examples.
+#[derive(Default)]
+pub struct Trouble {
+    pub disconnects: AtomicUsize,
+    pub connect_errors: AtomicUsize,
+    pub unparsed_frames: AtomicUsize,
+    examples: Mutex<Vec<String>>,
+}
+
+impl Trouble {
+    pub fn note(&self, what: String) {
+        let mut e = self.examples.lock().unwrap();
+        if e.len() < 5 {
+            e.push(what);
+        }
+    }
+    pub fn examples(&self) -> Vec<String> {
+        self.examples.lock().unwrap().clone()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "disconnects": self.disconnects.load(Ordering::Relaxed),
+            "connect_errors": self.connect_errors.load(Ordering::Relaxed),
+            "unparsed_frames": self.unparsed_frames.load(Ordering::Relaxed),
+            "examples": self.examples(),
+        })
+    }
+}
+
+/// Opens `url` (TCP_NODELAY, small read buffer), sends SyncStep1 (empty state vector) and, if
+/// given, an awareness message; answers the server's SyncStep1 with an empty SyncStep2 and
+/// returns once the server's SyncStep2 has arrived.
+pub async fn connect_synced(
+    url: &str,
+    awareness: Option<Vec<u8>>,
+    timeout: Duration,
+) -> anyhow::Result<Synced> {
+    let t0 = Instant::now();
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30));
+    let fut = async {
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+            .await
+            .with_context(|| format!("connect {url}"))?;
+        let (mut sink, mut stream) = ws.split();
+        sink.send(Message::binary(proto::SYNC_STEP1_EMPTY.to_vec()))
+            .await?;
+        if let Some(a) = awareness {
+            sink.send(Message::binary(a)).await?;
+        }
+        loop {
+            let m = stream
+                .next()
+                .await
+                .ok_or_else(|| anyhow!("closed before SyncStep2"))??;
+            match m {
+                Message::Binary(b) => {
+                    let mut answer = false;
+                    let mut step2 = None;
+                    proto::for_each_message(&b, |m| match m {
+                        Msg::SyncStep1 => answer = true,
+                        Msg::SyncStep2(p) => step2 = Some(p.len()),
+                        _ => {}
+                    });
+                    if answer {
+                        sink.send(Message::binary(proto::SYNC_STEP2_EMPTY.to_vec()))
+                            .await?;
+                    }
+                    if let Some(n) = step2 {
+                        return Ok(Synced {
+                            sink,
+                            stream,
+                            sync_time: t0.elapsed(),
+                            step2_bytes: n,
+                        });
+                    }
+                }
+                Message::Close(c) => bail!("closed before SyncStep2: {c:?}"),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow!("no SyncStep2 within {timeout:?} from {url}"))?
+}
+
+/// Sends a close frame and reads until the server's answer ends the stream (at most 2 s).
+pub async fn close_gracefully(mut sink: Sink, mut stream: Stream) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async move {
+        let _ = sink.close().await;
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
+
+/// Random-looking but deterministic 53-bit client ids (splitmix64).
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+    pub fn client_id(&mut self) -> u64 {
+        (self.next_u64() & ((1 << 32) - 1)).max(1)
+    }
+}
+
+/// Runs `f(i)` for i in 0..n with at most `limit` in flight; results in index order.
+pub async fn bounded<T, F, Fut>(n: usize, limit: usize, f: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let fut = f(i);
+        handles.push(tokio::spawn(async move {
+            let r = fut.await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for h in handles {
+        out.push(h.await.expect("task panicked"));
+    }
+    out
+}

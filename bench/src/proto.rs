@@ -1,0 +1,312 @@
+//! Just enough of the y-websocket wire format for a light load generator: message builders and a
+//! frame classifier that never decodes a document. Readers learn which edits a broadcast carries
+//! from the update's struct headers (client id, first clock, length of each struct).
+
+/// `SyncStep1` with an empty state vector (what a fresh client sends).
+pub const SYNC_STEP1_EMPTY: [u8; 4] = [0, 0, 1, 0];
+/// `SyncStep2` carrying an empty update (a fresh client's answer to the server's SyncStep1).
+pub const SYNC_STEP2_EMPTY: [u8; 5] = [0, 1, 2, 0, 0];
+
+pub fn write_var(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+pub fn read_var(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut n: u64 = 0;
+    let mut shift = 0u32;
+    loop {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        if shift > 56 {
+            return None;
+        }
+        n |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(n);
+        }
+        shift += 7;
+    }
+}
+
+fn read_bytes<'a>(buf: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
+    let len = usize::try_from(read_var(buf, pos)?).ok()?;
+    let end = pos.checked_add(len)?;
+    let s = buf.get(*pos..end)?;
+    *pos = end;
+    Some(s)
+}
+
+/// `sync / Update` message around a v1 update.
+pub fn update_message(update: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(update.len() + 8);
+    m.push(0);
+    m.push(2);
+    write_var(&mut m, update.len() as u64);
+    m.extend_from_slice(update);
+    m
+}
+
+/// Awareness message announcing one client with a JSON state.
+pub fn awareness_message(client_id: u64, clock: u64, json: &str) -> Vec<u8> {
+    let mut inner = Vec::with_capacity(json.len() + 16);
+    write_var(&mut inner, 1);
+    write_var(&mut inner, client_id);
+    write_var(&mut inner, clock);
+    write_var(&mut inner, json.len() as u64);
+    inner.extend_from_slice(json.as_bytes());
+    let mut m = Vec::with_capacity(inner.len() + 4);
+    m.push(1);
+    write_var(&mut m, inner.len() as u64);
+    m.extend_from_slice(&inner);
+    m
+}
+
+/// One y-protocols message inside a frame, payload borrowed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Msg<'a> {
+    SyncStep1,
+    SyncStep2(&'a [u8]),
+    Update(&'a [u8]),
+    Awareness,
+    Other,
+}
+
+/// Calls `f` for each message of a frame (servers send one per frame; several are tolerated).
+/// Returns false when the frame is malformed.
+pub fn for_each_message<'a>(frame: &'a [u8], mut f: impl FnMut(Msg<'a>)) -> bool {
+    let mut pos = 0;
+    while pos < frame.len() {
+        let Some(kind) = read_var(frame, &mut pos) else {
+            return false;
+        };
+        match kind {
+            0 => {
+                let Some(sub) = read_var(frame, &mut pos) else {
+                    return false;
+                };
+                let Some(payload) = read_bytes(frame, &mut pos) else {
+                    return false;
+                };
+                f(match sub {
+                    0 => Msg::SyncStep1,
+                    1 => Msg::SyncStep2(payload),
+                    2 => Msg::Update(payload),
+                    _ => Msg::Other,
+                });
+            }
+            1 => {
+                if read_bytes(frame, &mut pos).is_none() {
+                    return false;
+                }
+                f(Msg::Awareness);
+            }
+            2 => {
+                // auth: sub-type then a reason string
+                if read_var(frame, &mut pos).is_none() || read_bytes(frame, &mut pos).is_none() {
+                    return false;
+                }
+                f(Msg::Other);
+            }
+            3 => f(Msg::Other),
+            _ => {
+                f(Msg::Other);
+                return true;
+            }
+        }
+    }
+    true
+}
+
+/// Length in clocks (UTF-16 code units) of a UTF-8 string, without validating it.
+fn utf16_len(s: &[u8]) -> u64 {
+    let mut n = 0;
+    for &b in s {
+        if b & 0xC0 != 0x80 {
+            n += if b >= 0xF0 { 2 } else { 1 };
+        }
+    }
+    n
+}
+
+/// Walks the struct headers of a v1 update and calls `f(client, first_clock, length)` for each
+/// struct. Understands GC, Skip and the item contents a text editor produces (string, deleted,
+/// embed, format, binary, JSON); anything else returns false and the frame counts as unparsed.
+pub fn update_ranges(update: &[u8], mut f: impl FnMut(u64, u64, u64)) -> bool {
+    let mut pos = 0;
+    let Some(clients) = read_var(update, &mut pos) else {
+        return false;
+    };
+    for _ in 0..clients {
+        let (Some(structs), Some(client), Some(mut clock)) = (
+            read_var(update, &mut pos),
+            read_var(update, &mut pos),
+            read_var(update, &mut pos),
+        ) else {
+            return false;
+        };
+        for _ in 0..structs {
+            let Some(&info) = update.get(pos) else {
+                return false;
+            };
+            pos += 1;
+            let len = match info & 0x1f {
+                0 | 10 => {
+                    // GC or Skip: a length
+                    let Some(l) = read_var(update, &mut pos) else {
+                        return false;
+                    };
+                    l
+                }
+                content => {
+                    if info & 0x80 != 0
+                        && (read_var(update, &mut pos).is_none()
+                            || read_var(update, &mut pos).is_none())
+                    {
+                        return false;
+                    }
+                    if info & 0x40 != 0
+                        && (read_var(update, &mut pos).is_none()
+                            || read_var(update, &mut pos).is_none())
+                    {
+                        return false;
+                    }
+                    if info & 0xC0 == 0 {
+                        match read_var(update, &mut pos) {
+                            Some(1) => {
+                                if read_bytes(update, &mut pos).is_none() {
+                                    return false;
+                                }
+                            }
+                            Some(0) => {
+                                if read_var(update, &mut pos).is_none()
+                                    || read_var(update, &mut pos).is_none()
+                                {
+                                    return false;
+                                }
+                            }
+                            _ => return false,
+                        }
+                        if info & 0x20 != 0 && read_bytes(update, &mut pos).is_none() {
+                            return false;
+                        }
+                    }
+                    match content {
+                        1 => match read_var(update, &mut pos) {
+                            Some(l) => l,
+                            None => return false,
+                        },
+                        2 => {
+                            let Some(n) = read_var(update, &mut pos) else {
+                                return false;
+                            };
+                            for _ in 0..n {
+                                if read_bytes(update, &mut pos).is_none() {
+                                    return false;
+                                }
+                            }
+                            n
+                        }
+                        3 | 5 => {
+                            if read_bytes(update, &mut pos).is_none() {
+                                return false;
+                            }
+                            1
+                        }
+                        4 => match read_bytes(update, &mut pos) {
+                            Some(s) => utf16_len(s),
+                            None => return false,
+                        },
+                        6 => {
+                            if read_bytes(update, &mut pos).is_none()
+                                || read_bytes(update, &mut pos).is_none()
+                            {
+                                return false;
+                            }
+                            1
+                        }
+                        _ => return false,
+                    }
+                }
+            };
+            f(client, clock, len);
+            clock += len;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::{Doc, ReadTxn, Text, Transact};
+
+    #[test]
+    fn varints() {
+        for (n, bytes) in [
+            (127u64, vec![0x7f]),
+            (128, vec![0x80, 1]),
+            (300, vec![0xac, 2]),
+        ] {
+            let mut v = Vec::new();
+            write_var(&mut v, n);
+            assert_eq!(v, bytes);
+            let mut p = 0;
+            assert_eq!(read_var(&v, &mut p), Some(n));
+        }
+    }
+
+    #[test]
+    fn reference_bytes() {
+        assert_eq!(
+            awareness_message(1, 1, r#"{"user":"a"}"#),
+            [
+                0x01, 0x10, 0x01, 0x01, 0x01, 0x0c, 0x7b, 0x22, 0x75, 0x73, 0x65, 0x72, 0x22, 0x3a,
+                0x22, 0x61, 0x22, 0x7d
+            ]
+        );
+        let hi = [
+            0x00, 0x02, 0x0c, 0x01, 0x01, 0x01, 0x00, 0x04, 0x01, 0x01, 0x74, 0x02, 0x68, 0x69,
+            0x00,
+        ];
+        let mut seen = Vec::new();
+        assert!(for_each_message(&hi, |m| seen.push(format!("{m:?}"))));
+        assert_eq!(seen.len(), 1);
+        let mut ranges = Vec::new();
+        assert!(update_ranges(&hi[3..], |c, k, l| ranges.push((c, k, l))));
+        assert_eq!(ranges, vec![(1, 0, 2)]);
+    }
+
+    #[test]
+    fn yrs_updates_parse() {
+        let doc = Doc::with_client_id(77);
+        let text = doc.get_or_insert_text("t");
+        for i in 0..300u32 {
+            let mut txn = doc.transact_mut();
+            let len = text.len(&txn);
+            let pos = if i % 7 == 0 { len / 2 } else { len };
+            // One character per update, as the fanout writer sends; deletions only add a
+            // delete set, which the parser must skip.
+            text.insert(&mut txn, pos, if i % 5 == 0 { "y" } else { "x" });
+            if i % 11 == 0 && len > 3 {
+                text.remove_range(&mut txn, 1, 2);
+            }
+            let u = txn.encode_update_v1();
+            let mut ranges = Vec::new();
+            assert!(
+                update_ranges(&u, |c, k, l| ranges.push((c, k, l))),
+                "update {i}"
+            );
+            assert_eq!(ranges, vec![(77, u64::from(i), 1)], "update {i}");
+        }
+        let full = doc
+            .transact()
+            .encode_state_as_update_v1(&Default::default());
+        let mut total = 0;
+        assert!(update_ranges(&full, |_, _, l| total += l));
+        assert_eq!(total, 300);
+    }
+}
