@@ -45,6 +45,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_HEARTBEAT_SECS", default_value_t = 30)]
     pub heartbeat_secs: u64,
 
+    /// Open WebSocket connections the server accepts; further upgrades get HTTP 503, so a flood
+    /// of sockets cannot grow memory without bound (each idle connection costs about 9 KiB).
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
     /// Awareness client ids one connection may announce (a browser tab announces one).
     #[arg(
         long,

@@ -2,17 +2,44 @@
 //! document, writes the document's output, keeps the heartbeat.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use actix_web::web::Bytes;
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
 use collab_crdt::{decode_frame, ProtocolError};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 use uuid::Uuid;
 
+pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
 use crate::doc_actor::{DocActor, Incoming, Join, JoinError, Kick, Leave};
 use crate::registry::Registry;
+
+/// Why the server closes a connection: the code and text of the close frame it sends.
+#[derive(Clone, Debug)]
+pub struct CloseReason {
+    pub code: CloseCode,
+    pub description: Option<String>,
+}
+
+/// Outgoing messages larger than this go out as continuation frames of this size, so the socket
+/// buffer a connection keeps after sending a big document stays this small (and 150 joiners of
+/// a 20 MB document do not each hold a 20 MB copy while their sockets drain).
+const FRAGMENT: usize = 64 * 1024;
+
+/// Most messages written before one flush (one `send` syscall) when several are queued.
+const WRITE_BATCH: usize = 64;
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn reason(code: CloseCode, description: impl Into<String>) -> CloseReason {
     CloseReason {
@@ -28,6 +55,55 @@ fn protocol_close(e: &ProtocolError) -> CloseReason {
         CloseCode::Protocol
     };
     reason(code, e.to_string())
+}
+
+fn ws_error_close(e: &WsError) -> CloseReason {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            reason(CloseCode::Size, "message exceeds the size limit")
+        }
+        WsError::Utf8(_) => reason(CloseCode::Invalid, "text frame is not UTF-8"),
+        other => reason(CloseCode::Protocol, other.to_string()),
+    }
+}
+
+/// A close frame's reason must fit in a control frame (123 bytes).
+fn close_frame(why: CloseReason) -> CloseFrame {
+    let mut text = why.description.unwrap_or_default();
+    if text.len() > 123 {
+        let mut cut = 123;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    CloseFrame {
+        code: why.code,
+        reason: text.into(),
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Queues one binary message, fragmenting big ones. `feed` waits while tungstenite's buffer is
+/// over its write threshold, so a slow socket bounds what this connection holds.
+async fn feed_binary(ws: &mut Ws, bytes: Bytes) -> Result<(), WsError> {
+    if bytes.len() <= FRAGMENT {
+        return ws.feed(Message::Binary(bytes)).await;
+    }
+    let mut offset = 0;
+    while offset < bytes.len() {
+        let end = (offset + FRAGMENT).min(bytes.len());
+        let opcode = if offset == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let frame = Frame::message(bytes.slice(offset..end), opcode, end == bytes.len());
+        ws.feed(Message::Frame(frame)).await?;
+        offset = end;
+    }
+    Ok(())
 }
 
 /// Joins the document, retrying when it raced with the document unloading.
@@ -60,9 +136,107 @@ async fn join(
     Err(reason(CloseCode::Again, "document is restarting, retry"))
 }
 
+/// Sends the close frame and waits (bounded) for the client's, so the client sees the code.
+async fn close(mut ws: Ws, why: Option<CloseReason>) {
+    let frame = why.map(close_frame);
+    if ws.send(Message::Close(frame)).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+enum Event {
+    Shutdown,
+    Kicked(CloseReason),
+    Out(Option<Bytes>),
+    In(Option<Result<Message, WsError>>),
+    Heartbeat,
+}
+
+enum Step {
+    Continue,
+    /// Close with this reason; `None` when the socket is already gone.
+    Close(Option<CloseReason>),
+}
+
+/// Writes `first` and everything already queued behind it with one flush: under load a reader
+/// costs one syscall per batch, not one per message.
+async fn write_queued(ws: &mut Ws, rx: &mut mpsc::Receiver<Bytes>, first: Bytes) -> Step {
+    let mut result = feed_binary(ws, first).await;
+    let mut n = 1;
+    while result.is_ok() && n < WRITE_BATCH {
+        let Ok(more) = rx.try_recv() else { break };
+        result = feed_binary(ws, more).await;
+        n += 1;
+    }
+    if result.is_err() || ws.flush().await.is_err() {
+        return Step::Close(None);
+    }
+    Step::Continue
+}
+
+async fn handle_input(
+    msg: Option<Result<Message, WsError>>,
+    ws: &mut Ws,
+    addr: &Addr<DocActor>,
+    conn: Uuid,
+    kick: &Kick,
+    awaiting_pong: &mut bool,
+) -> Step {
+    match msg {
+        None => Step::Close(None),
+        Some(Ok(Message::Binary(frame))) => {
+            let messages = match decode_frame(&frame) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, len = frame.len(), "closing connection: bad frame");
+                    return Step::Close(Some(protocol_close(&e)));
+                }
+            };
+            match addr.send(Incoming { conn, messages }).await {
+                Ok(Ok(())) => Step::Continue,
+                Ok(Err(v)) => {
+                    warn!(error = %v, "closing connection: input refused");
+                    Step::Close(Some(v.close_reason()))
+                }
+                Err(_) => Step::Close(Some(kick.reason())),
+            }
+        }
+        // tungstenite queues the pong itself; flushing sends it now.
+        Some(Ok(Message::Ping(_))) => match ws.flush().await {
+            Ok(()) => Step::Continue,
+            Err(_) => Step::Close(None),
+        },
+        Some(Ok(Message::Pong(_))) => {
+            *awaiting_pong = false;
+            Step::Continue
+        }
+        Some(Ok(Message::Text(_))) => {
+            warn!("closing connection: text frame");
+            Step::Close(Some(reason(
+                CloseCode::Unsupported,
+                "the protocol uses binary frames only",
+            )))
+        }
+        Some(Ok(Message::Close(_))) => Step::Close(None),
+        Some(Ok(Message::Frame(_))) => Step::Continue,
+        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => Step::Close(None),
+        Some(Err(WsError::Io(e))) => {
+            debug!(error = %e, "connection lost");
+            Step::Close(None)
+        }
+        Some(Err(e)) => {
+            warn!(error = %e, "closing connection: websocket error");
+            Step::Close(Some(ws_error_close(&e)))
+        }
+    }
+}
+
 pub async fn run(
-    mut session: Session,
-    mut stream: AggregatedMessageStream,
+    mut ws: Ws,
     name: String,
     registry: Registry,
     mut shutdown: watch::Receiver<bool>,
@@ -74,91 +248,64 @@ pub async fn run(
         let (tx, mut rx) = mpsc::channel::<Bytes>(config.outbound_queue.max(1));
         let kick = Arc::new(Kick::default());
         debug!("connected");
-        let addr = match join(&registry, &name, conn, tx, kick.clone()).await {
+        let addr = match Box::pin(join(&registry, &name, conn, tx, kick.clone())).await {
             Ok(addr) => addr,
             Err(why) => {
                 warn!(reason = ?why.description, "could not join document");
-                let _ = session.close(Some(why)).await;
+                Box::pin(close(ws, Some(why))).await;
                 return;
             }
         };
         let mut heartbeat = tokio::time::interval(config.heartbeat());
         heartbeat.tick().await;
         let mut awaiting_pong = false;
+        // Created once: re-creating it each turn would re-register with the Notify every time.
+        let kicked = kick.kicked();
+        tokio::pin!(kicked);
 
-        let close: Option<CloseReason> = loop {
+        let why: Option<CloseReason> = loop {
             if *shutdown.borrow() {
                 break Some(reason(CloseCode::Away, "server shutting down"));
             }
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    break Some(reason(CloseCode::Away, "server shutting down"));
+            // The select only picks an event; handling it after the select has dropped its
+            // futures keeps this task's state machine (resident per connection) small.
+            let event = tokio::select! {
+                _ = shutdown.changed() => Event::Shutdown,
+                why = &mut kicked => Event::Kicked(why),
+                out = rx.recv() => Event::Out(out),
+                msg = ws.next() => Event::In(msg),
+                _ = heartbeat.tick() => Event::Heartbeat,
+            };
+            let step = match event {
+                Event::Shutdown => {
+                    Step::Close(Some(reason(CloseCode::Away, "server shutting down")))
                 }
-                why = kick.kicked() => break Some(why),
-                out = rx.recv() => match out {
-                    Some(bytes) => {
-                        if session.binary(bytes).await.is_err() {
-                            break None;
-                        }
-                    }
-                    None => break Some(kick.reason()),
-                },
-                msg = stream.recv() => match msg {
-                    None => break None,
-                    Some(Ok(AggregatedMessage::Binary(frame))) => {
-                        let messages = match decode_frame(&frame) {
-                            Ok(m) => m,
-                            Err(e) => {
-                                warn!(error = %e, len = frame.len(), "closing connection: bad frame");
-                                break Some(protocol_close(&e));
-                            }
-                        };
-                        match addr.send(Incoming { conn, messages }).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(v)) => {
-                                warn!(error = %v, "closing connection: input refused");
-                                break Some(v.close_reason());
-                            }
-                            Err(_) => break Some(kick.reason()),
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Ping(p))) => {
-                        if session.pong(&p).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => awaiting_pong = false,
-                    Some(Ok(AggregatedMessage::Text(_))) => {
-                        warn!("closing connection: text frame");
-                        break Some(reason(CloseCode::Unsupported, "the protocol uses binary frames only"));
-                    }
-                    Some(Ok(AggregatedMessage::Close(_))) => break None,
-                    Some(Err(e)) => {
-                        warn!(error = %e, "closing connection: websocket error");
-                        let why = match e {
-                            actix_ws::ProtocolError::Overflow => {
-                                reason(CloseCode::Size, "message exceeds the size limit")
-                            }
-                            other => reason(CloseCode::Protocol, other.to_string()),
-                        };
-                        break Some(why);
-                    }
-                },
-                _ = heartbeat.tick() => {
+                Event::Kicked(why) => Step::Close(Some(why)),
+                Event::Out(None) => Step::Close(Some(kick.reason())),
+                Event::Out(Some(bytes)) => write_queued(&mut ws, &mut rx, bytes).await,
+                Event::In(msg) => {
+                    handle_input(msg, &mut ws, &addr, conn, &kick, &mut awaiting_pong).await
+                }
+                Event::Heartbeat => {
                     if awaiting_pong {
                         info!("closing connection: no pong to the last ping");
-                        break Some(reason(CloseCode::Away, "heartbeat timeout"));
-                    }
-                    awaiting_pong = true;
-                    if session.ping(b"").await.is_err() {
-                        break None;
+                        Step::Close(Some(reason(CloseCode::Away, "heartbeat timeout")))
+                    } else {
+                        awaiting_pong = true;
+                        match ws.send(Message::Ping(Bytes::new())).await {
+                            Ok(()) => Step::Continue,
+                            Err(_) => Step::Close(None),
+                        }
                     }
                 }
+            };
+            if let Step::Close(why) = step {
+                break why;
             }
         };
         addr.do_send(Leave { conn });
-        debug!(close = ?close.as_ref().map(|c| c.code), "disconnected");
-        let _ = session.close(close).await;
+        debug!(close = ?why.as_ref().map(|c| c.code), "disconnected");
+        Box::pin(close(ws, why)).await;
     }
     .instrument(span)
     .await

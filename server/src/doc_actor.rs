@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use actix_ws::{CloseCode, CloseReason};
 use collab_crdt::{ClientID, ClientMessage, Document, DocumentError, StateVector};
 use collab_storage::{Store, StoreError};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
 
+use crate::connection::{CloseCode, CloseReason};
 use crate::registry::Registry;
 
 /// Lets the document close a connection whose outbound queue it can no longer use.

@@ -1,7 +1,7 @@
 //! The collab server: HTTP + WebSocket front, one actor per open document, sled persistence.
 
 pub mod config;
-mod connection;
+pub mod connection;
 pub mod doc_actor;
 pub mod flusher;
 pub mod registry;
@@ -9,17 +9,32 @@ pub mod registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use actix_codec::Framed;
+use actix_http::body::BodySize;
+use actix_http::{h1, ws, HttpService, Request, Response, StatusCode};
+use actix_service::{fn_service, map_config, IntoServiceFactory};
+use actix_web::dev::AppConfig;
 use actix_web::http::header;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::web::Bytes;
+use actix_web::{web, App, HttpRequest, HttpResponse};
 use collab_storage::{SledStore, Store, StoreError};
+use futures_util::SinkExt;
 use rust_embed::RustEmbed;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
 
 pub use config::Config;
 use config::MAX_DOC_NAME_LEN;
 use flusher::Flusher;
 use registry::Registry;
+
+/// How long shutdown waits for connections to send their close frames.
+const SHUTDOWN_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -45,22 +60,11 @@ pub enum ServerError {
 #[folder = "../web-demo/dist/"]
 struct DemoAssets;
 
-struct AppState {
-    registry: Registry,
-    shutdown: watch::Receiver<bool>,
-}
-
 /// The document name of a WebSocket request: the raw path without its leading `/` (the query
 /// string is not part of the path), exactly as the reference server derives its room name.
 pub fn doc_name(path: &str) -> Option<&str> {
     let name = path.strip_prefix('/').unwrap_or(path);
     (!name.is_empty() && name.len() <= MAX_DOC_NAME_LEN).then_some(name)
-}
-
-fn is_websocket_upgrade(req: &HttpRequest) -> bool {
-    req.headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
 fn serve_asset(path: &str) -> HttpResponse {
@@ -78,35 +82,88 @@ fn serve_asset(path: &str) -> HttpResponse {
     }
 }
 
-async fn entry(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
-    if !is_websocket_upgrade(&req) {
-        return Ok(serve_asset(req.path()));
-    }
-    let Some(name) = doc_name(req.uri().path()) else {
-        return Ok(HttpResponse::BadRequest().body(format!(
-            "the document name (the URL path) must be 1 to {MAX_DOC_NAME_LEN} bytes"
-        )));
+async fn entry(req: HttpRequest) -> HttpResponse {
+    serve_asset(req.path())
+}
+
+/// What the upgrade service needs; cloned into every worker.
+#[derive(Clone)]
+struct Upgrades {
+    registry: Registry,
+    shutdown: watch::Receiver<bool>,
+    connections: TaskTracker,
+}
+
+fn plain_response(status: StatusCode, text: String) -> (Response<()>, Bytes) {
+    let mut res = Response::with_body(status, ());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    (res, Bytes::from(text))
+}
+
+/// Every HTTP/1 upgrade request lands here with its socket. A WebSocket upgrade to a valid
+/// document name gets its 101 and a connection task that owns the socket from then on; the
+/// HTTP dispatcher, with its buffers, is gone once this returns.
+async fn upgrade(
+    up: Upgrades,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), actix_web::Error> {
+    let refusal = match ws::verify_handshake(req.head()) {
+        Err(e) => Some(plain_response(StatusCode::BAD_REQUEST, e.to_string())),
+        Ok(()) if doc_name(req.path()).is_none() => Some(plain_response(
+            StatusCode::BAD_REQUEST,
+            format!("the document name (the URL path) must be 1 to {MAX_DOC_NAME_LEN} bytes"),
+        )),
+        Ok(()) if up.connections.len() >= up.registry.config().max_connections => {
+            warn!(
+                limit = up.registry.config().max_connections,
+                "refusing a WebSocket: connection limit reached"
+            );
+            Some(plain_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is at its connection limit, retry later".into(),
+            ))
+        }
+        Ok(()) => None,
     };
-    let name = name.to_owned();
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let max = state.registry.config().max_message_size;
-    // actix-ws's 64 KiB default would break the first sync of any real document.
-    let stream = stream
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
-    actix_web::rt::spawn(connection::run(
-        session,
-        stream,
-        name,
-        state.registry.clone(),
-        state.shutdown.clone(),
-    ));
-    Ok(response)
+    if let Some((res, body)) = refusal {
+        debug!(path = %req.path(), status = %res.status(), "upgrade refused");
+        let size = BodySize::Sized(body.len() as u64);
+        framed.send(h1::Message::Item((res, size))).await?;
+        framed.send(h1::Message::Chunk(Some(body))).await?;
+        framed.send(h1::Message::Chunk(None)).await?;
+        return Ok(());
+    }
+    let Some(name) = doc_name(req.path()).map(str::to_owned) else {
+        return Ok(());
+    };
+    let res = ws::handshake_response(req.head()).finish().drop_body();
+    framed
+        .send(h1::Message::Item((res, BodySize::None)))
+        .await?;
+    let parts = framed.into_parts();
+    let max = up.registry.config().max_message_size;
+    // A small read buffer: tungstenite zero-fills its whole capacity, so its 128 KiB default
+    // would be resident for every idle connection. Typical messages (an edit, a cursor) are far
+    // smaller; a big frame grows the buffer to its announced length as it arrives.
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let socket = WebSocketStream::from_partially_read(
+        parts.io,
+        parts.read_buf.to_vec(),
+        Role::Server,
+        Some(ws_config),
+    )
+    .await;
+    let connection = connection::run(socket, name, up.registry.clone(), up.shutdown.clone());
+    actix_web::rt::spawn(up.connections.track_future(connection));
+    Ok(())
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then closes every socket with 1001, flushes storage
@@ -129,35 +186,44 @@ pub async fn serve(
     let registry = Registry::new(store.clone(), flusher, config.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let state = web::Data::new(AppState {
+    let connections = TaskTracker::new();
+    let upgrades = Upgrades {
         registry: registry.clone(),
         shutdown: shutdown_rx,
-    });
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .default_service(web::to(entry))
-    })
-    .disable_signals()
-    // Every message is small and latency-bound; with Nagle on, an echo waits for the next
-    // edit's ACK (measured: 20 writers x 20 edits/s, p99 41.7 ms with Nagle, 0.9 ms without).
-    .tcp_nodelay(true)
-    // Sockets are closed by the shutdown signal below; this only bounds stragglers.
-    .shutdown_timeout(5)
-    // A restart brings every client back at once (no jitter in the client's backoff).
-    .backlog(4096)
-    .max_connection_rate(4096);
+        connections: connections.clone(),
+    };
+    let mut builder = actix_server::Server::build()
+        .disable_signals()
+        // Connection tasks are closed (1001) and awaited below before the workers stop; this
+        // only bounds plain HTTP requests still in flight.
+        .shutdown_timeout(5);
     if let Some(workers) = config.workers {
-        server = server.workers(workers);
+        builder = builder.workers(workers);
     }
-    let server = server
-        .bind(&config.addr)
-        .map_err(|source| ServerError::Bind {
-            addr: config.addr.clone(),
-            source,
+    let mut addrs = Vec::new();
+    for listener in bind_listeners(&config.addr).map_err(|source| ServerError::Bind {
+        addr: config.addr.clone(),
+        source,
+    })? {
+        let addr = listener.local_addr()?;
+        addrs.push(addr);
+        let upgrades = upgrades.clone();
+        builder = builder.listen("collab", listener, move || {
+            let upgrades = upgrades.clone();
+            let app = App::new().default_service(web::to(entry)).into_factory();
+            HttpService::build()
+                // Every message is small and latency-bound; with Nagle on, an echo waits for
+                // the next edit's ACK (measured: 20 writers x 20 edits/s, p99 41.7 ms with
+                // Nagle, 0.9 ms without).
+                .tcp_nodelay(true)
+                .upgrade(fn_service(move |(req, framed)| {
+                    upgrade(upgrades.clone(), req, framed)
+                }))
+                .finish(map_config(app, |_| AppConfig::default()))
+                .tcp()
         })?;
-    let addrs = server.addrs();
-    let running = server.run();
+    }
+    let running = builder.run();
     let handle = running.handle();
     for addr in &addrs {
         info!(%addr, data_dir = %config.data_dir.display(), "listening");
@@ -170,6 +236,18 @@ pub async fn serve(
         wait_for_signal().await;
         info!("shutting down: closing connections");
         let _ = shutdown_tx.send(true);
+        // Connection tasks live on the workers: they must finish (close frame sent) before the
+        // workers stop, or clients would see a reset instead of 1001.
+        connections.close();
+        if tokio::time::timeout(SHUTDOWN_CLOSE_TIMEOUT, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = connections.len(),
+                "connections still closing at shutdown"
+            );
+        }
         handle.stop(true).await;
     });
     running.await?;
@@ -185,6 +263,27 @@ pub async fn serve(
         "stopped cleanly"
     );
     Ok(())
+}
+
+/// Binds every address `addr` resolves to. The backlog is large because a restart brings every
+/// client back at once (no jitter in the client's backoff).
+fn bind_listeners(addr: &str) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use std::net::ToSocketAddrs;
+    let mut listeners = Vec::new();
+    let mut last_error = None;
+    for a in addr.to_socket_addrs()? {
+        let socket = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        match socket.bind(&a.into()).and_then(|()| socket.listen(4096)) {
+            Ok(()) => listeners.push(socket.into()),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match (listeners.is_empty(), last_error) {
+        (true, Some(e)) => Err(e),
+        (true, None) => Err(std::io::Error::other("the address resolves to nothing")),
+        _ => Ok(listeners),
+    }
 }
 
 /// Checks every stored document's metadata at start-up so a damaged record is reported by name

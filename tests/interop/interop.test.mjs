@@ -511,6 +511,23 @@ interopTest('3a. late joiner gets the full text from the server', {}, async () =
   await lateJoiner(url, uniqueRoom('late'))
 })
 
+interopTest('3c. a late joiner gets a 600 KB document whole (the server sends it as 64 KiB continuation frames)', {}, async () => {
+  const { url, server } = await getSharedServer()
+  currentServer = server
+  const room = uniqueRoom('late-big')
+  const a = new Client(url, room, 'A')
+  const b = new Client(url, room, 'B')
+  await waitSynced(a, b)
+  const line = 'the quick brown fox jumps over the lazy dog, '.repeat(20) + '\n'
+  for (let i = 0; i < 600; i++) a.text.insert(a.text.length, line)
+  await waitConverged([a, b], 'B to receive all of A\'s text', (s) => s.length === line.length * 600, 20000)
+  const expected = a.text.toString()
+  assert.ok(expected.length > 500000, `document is ${expected.length} characters`)
+  a.destroy()
+  b.destroy()
+  await joinAndExpectAtSync(url, room, 'C', expected, 'late joiner of a big document')
+})
+
 interopTest('3b. late joiner after the room was idle (spawned with --grace-period-secs 0)', { skip: SKIP_RESTART }, async () => {
   // with no grace period the server may unload the room as soon as the last client leaves; the
   // late joiner must then be served from storage (and only after it has been loaded)

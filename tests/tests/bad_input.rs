@@ -131,3 +131,29 @@ async fn overlong_and_empty_document_names_are_refused_before_upgrade() {
         }
     }
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_and_the_rest_carry_on() {
+    let server = Server::start(&["--max-connections", "2"]);
+    let a = synced_client(&server.url("limit")).await;
+    let b = synced_client(&server.url("limit")).await;
+    match tokio_tungstenite::connect_async(server.url("limit")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| ())),
+    }
+    assert!(server.log().contains("connection limit reached"));
+    a.insert(0, "still here");
+    b.wait_text("still here").await;
+    // A slot frees up when a connection ends (after its close handshake, so retry briefly).
+    a.close();
+    a.wait_closed().await;
+    let mut joined = None;
+    for _ in 0..50 {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(server.url("limit")).await {
+            joined = Some(ws);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(joined.is_some(), "a freed slot is usable again");
+}

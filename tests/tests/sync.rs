@@ -98,6 +98,34 @@ async fn a_late_joiner_receives_the_full_document() {
     assert_eq!(c.text(), "abcdef");
 }
 
+/// The server sends messages over 64 KiB as continuation frames; the joiner must still get the
+/// whole document, and as one message (the client decodes each message independently).
+#[tokio::test]
+async fn a_document_larger_than_one_fragment_reaches_a_late_joiner_whole() {
+    let server = Server::start(&[]);
+    let a = synced_client(&server.url("big")).await;
+    let watcher = synced_client(&server.url("big")).await;
+    // ~400 KB in a few updates: seven fragments of the full-state SyncStep2.
+    let chunk: String = (0..10_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for i in 0..40u32 {
+        a.insert(i * 10_000, &chunk);
+    }
+    watcher
+        .wait_for("all updates", |c| c.len() == 400_000)
+        .await;
+    let b = synced_client(&server.url("big")).await;
+    assert_eq!(b.len(), 400_000);
+    assert_eq!(b.text(), a.text());
+    let s = b.seen.lock().unwrap();
+    assert!(
+        s.frames.iter().any(|f| f.len() > 400_000),
+        "the full state arrives as one message: {:?}",
+        s.frames.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn documents_are_isolated() {
     let server = Server::start(&[]);
