@@ -71,8 +71,8 @@ async fn a_client_that_cannot_keep_up_is_disconnected_not_buffered() {
     let writer = synced_client(&server.url("slow")).await;
     let reader = synced_client(&server.url("slow")).await;
     let _silent = silent_peer(&server.url("slow"), 777).await;
-    // 100 separate 256 KiB frames: more than the silent peer's socket buffers, actix-ws's
-    // 32-frame channel and its queue of 4 can absorb.
+    // 100 separate 256 KiB messages: more than the silent peer's socket buffers, the
+    // connection's write buffer and its queue of 4 can absorb.
     let source = Doc::new();
     let text = source.get_or_insert_text("t");
     let chunk = "z".repeat(1 << 18);
