@@ -32,8 +32,6 @@ pub struct AwarenessChange {
     pub announced: Vec<ClientID>,
     /// Client ids the sender removed.
     pub removed: Vec<ClientID>,
-    /// The awareness message to relay to every connection, the sender included.
-    pub message: Vec<u8>,
 }
 
 pub struct Document {
@@ -138,12 +136,10 @@ impl Document {
         let summary = self.awareness.apply_update_summary(update).ok()??;
         let mut announced = summary.added;
         announced.extend(summary.updated);
-        let removed = summary.removed;
-        let message = self.awareness_message_for(announced.iter().chain(&removed).copied())?;
+        // The relay message is encoded by the caller, which may merge several changes into one.
         Some(AwarenessChange {
             announced,
-            removed,
-            message,
+            removed: summary.removed,
         })
     }
 
@@ -185,7 +181,9 @@ impl Document {
         Some(protocol::encode_awareness(&update))
     }
 
-    fn awareness_message_for(
+    /// The current awareness entries (state or removal, with clock) of `clients`, as one
+    /// message.
+    pub fn awareness_message_for(
         &self,
         clients: impl IntoIterator<Item = ClientID>,
     ) -> Option<Vec<u8>> {

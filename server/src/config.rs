@@ -58,6 +58,12 @@ pub struct Config {
     )]
     pub max_awareness_per_connection: usize,
 
+    /// Awareness (presence) batching window in milliseconds: a change after a quiet window is
+    /// relayed at once, further changes within the window go out merged at its end. 0 relays
+    /// every change immediately, as the reference server does.
+    #[arg(long, env = "COLLAB_AWARENESS_BATCH_MS", default_value_t = 50)]
+    pub awareness_batch_ms: u64,
+
     /// Fault injection for tests: delay every storage flush by this many milliseconds, which
     /// widens the window in which an update is written but not yet durable.
     #[arg(long, hide = true, default_value_t = 0)]
@@ -71,6 +77,10 @@ pub struct Config {
 impl Config {
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
+    }
+
+    pub fn awareness_batch(&self) -> Duration {
+        Duration::from_millis(self.awareness_batch_ms)
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -168,6 +168,10 @@ pub struct DocActor {
     full_state: Option<Bytes>,
     /// Bumped whenever the document becomes idle or busy, so stale idle timers do nothing.
     idle_epoch: u64,
+    /// Awareness clients changed since the last awareness broadcast, sent when the window ends.
+    awareness_dirty: HashSet<ClientID>,
+    /// An awareness broadcast went out less than one batching window ago.
+    awareness_window_open: bool,
 }
 
 impl DocActor {
@@ -187,6 +191,8 @@ impl DocActor {
             compacting: false,
             full_state: None,
             idle_epoch: 0,
+            awareness_dirty: HashSet::new(),
+            awareness_window_open: false,
         }
     }
 
@@ -219,6 +225,46 @@ impl DocActor {
         }
     }
 
+    /// Relays awareness changes. The first change after a quiet window goes out at once; later
+    /// ones are merged and sent when the window ends, so N clients moving their cursors cost
+    /// every recipient at most one message per window instead of N (each entry carries its
+    /// clock, so a merged message means the same to clients as the separate ones).
+    fn awareness_changed(&mut self, ids: Vec<ClientID>, ctx: &mut Context<Self>) {
+        let window = self.registry.config().awareness_batch();
+        if window.is_zero() || !self.awareness_window_open {
+            if let Some(msg) = self
+                .document
+                .as_ref()
+                .and_then(|d| d.awareness_message_for(ids))
+            {
+                self.broadcast(Bytes::from(msg), ctx);
+            }
+            if !window.is_zero() {
+                self.awareness_window_open = true;
+                ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
+            }
+            return;
+        }
+        self.awareness_dirty.extend(ids);
+    }
+
+    fn awareness_window_ended(&mut self, ctx: &mut Context<Self>) {
+        if self.awareness_dirty.is_empty() {
+            self.awareness_window_open = false;
+            return;
+        }
+        let ids: Vec<ClientID> = self.awareness_dirty.drain().collect();
+        if let Some(msg) = self
+            .document
+            .as_ref()
+            .and_then(|d| d.awareness_message_for(ids))
+        {
+            self.broadcast(Bytes::from(msg), ctx);
+        }
+        let window = self.registry.config().awareness_batch();
+        ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
+    }
+
     /// Removes a connection and, at once, the awareness states it announced.
     fn drop_conn(&mut self, conn: Uuid, ctx: &mut Context<Self>) {
         let Some(c) = self.conns.remove(&conn) else {
@@ -226,8 +272,8 @@ impl DocActor {
         };
         if let Some(doc) = self.document.as_mut() {
             let ids: Vec<ClientID> = c.awareness.into_iter().collect();
-            if let Some(removal) = doc.remove_awareness(&ids) {
-                self.broadcast(Bytes::from(removal), ctx);
+            if doc.remove_awareness(&ids).is_some() {
+                self.awareness_changed(ids, ctx);
             }
         }
         if self.conns.is_empty() {
@@ -469,7 +515,8 @@ impl DocActor {
                             c.awareness.remove(id);
                         }
                     }
-                    self.broadcast(Bytes::from(change.message), ctx);
+                    let ids = change.announced.into_iter().chain(change.removed);
+                    self.awareness_changed(ids.collect(), ctx);
                 }
             }
             ClientMessage::QueryAwareness => {

@@ -141,6 +141,51 @@ async fn documents_are_isolated() {
     assert_eq!(c.text(), "only in room 1");
 }
 
+/// Presence changes within one batching window reach everyone merged: fewer frames than
+/// changes, and every client's latest state arrives.
+#[tokio::test]
+async fn a_burst_of_awareness_changes_is_merged_and_every_latest_state_arrives() {
+    let server = Server::start(&["--awareness-batch-ms", "200"]);
+    let watcher = synced_client(&server.url("presence")).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(synced_client(&server.url("presence")).await);
+    }
+    let awareness_frames = |c: &Client| {
+        c.seen
+            .lock()
+            .unwrap()
+            .frames
+            .iter()
+            .filter(|f| f[0] == 1)
+            .count()
+    };
+    let before = awareness_frames(&watcher);
+    for round in 0..5 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.set_awareness(&format!(r#"{{"n":{i},"round":{round}}}"#));
+        }
+    }
+    let expected: Vec<(u64, String)> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.client_id(), format!(r#"{{"n":{i},"round":4}}"#)))
+        .collect();
+    watcher
+        .wait_for("every client's latest state", |w| {
+            let states = w.awareness_states();
+            expected
+                .iter()
+                .all(|(id, json)| states.get(id).is_some_and(|s| s.replace(' ', "") == *json))
+        })
+        .await;
+    let frames = awareness_frames(&watcher) - before;
+    assert!(
+        frames < 25,
+        "50 changes arrived in {frames} frames; they were not merged"
+    );
+}
+
 #[tokio::test]
 async fn awareness_is_relayed_and_removed_on_disconnect() {
     let server = Server::start(&[]);
