@@ -1,10 +1,33 @@
 #!/usr/bin/env bash
 # Installs the reference server the benchmark compares against into bench/.ref (git-ignored):
 # @y/websocket-server 0.1.1 (the last release on yjs 13 that still reads YPERSISTENCE), with the
-# optional LevelDB persistence. Does nothing when that exact set is already installed.
+# optional LevelDB persistence, and @hocuspocus/server 3.4.4 (the last line that runs on Node 20;
+# 4.x needs Node 22) into .ref/hocuspocus, run by bench/hocuspocus-server.cjs. Does nothing when
+# that exact set is already installed.
 set -euo pipefail
 REF="$(cd "$(dirname "$0")" && pwd)/.ref"
-mkdir -p "$REF"
+mkdir -p "$REF/hocuspocus"
+# A package of its own: hocuspocus wants ws 8, the y-websocket reference pins ws 6.
+cat > "$REF/hocuspocus/package.json.new" <<'JSON'
+{
+  "name": "collab-bench-hocuspocus",
+  "private": true,
+  "description": "@hocuspocus/server for bench/run.sh (written by bench/install-ref.sh)",
+  "dependencies": {
+    "@hocuspocus/server": "3.4.4",
+    "@hocuspocus/provider": "3.4.4",
+    "yjs": "13.6.33",
+    "y-protocols": "1.0.7"
+  }
+}
+JSON
+if cmp -s "$REF/hocuspocus/package.json.new" "$REF/hocuspocus/package.json" \
+  && [ -f "$REF/hocuspocus/node_modules/@hocuspocus/server/package.json" ]; then
+  rm "$REF/hocuspocus/package.json.new"
+else
+  mv "$REF/hocuspocus/package.json.new" "$REF/hocuspocus/package.json"
+  (cd "$REF/hocuspocus" && npm install --no-audit --no-fund --loglevel=error)
+fi
 cat > "$REF/package.json.new" <<'JSON'
 {
   "name": "collab-bench-reference",

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Runs every benchmark scenario against (a) collab's release build, (b) @y/websocket-server 0.1.1
-# without persistence and (c) the same with YPERSISTENCE (LevelDB), one server at a time, and
-# writes bench/RESULTS.md (absolute figures and collab / reference ratios).
+# without persistence, (c) the same with YPERSISTENCE (LevelDB) and (d) @hocuspocus/server 3.4.4
+# in memory, one server at a time, and writes bench/RESULTS.md (absolute figures, collab /
+# reference ratios, the issue's targets met or missed) and bench/charts/*.svg.
 #
-#   bench/run.sh                 # default scale, about 4 minutes
-#   SCALE=small bench/run.sh     # shorter windows, fewer rooms: about 2 minutes
+#   bench/run.sh                 # full scale, bounded by the per-case limits: at most ~25 min
+#   SCALE=small bench/run.sh     # shorter windows, fewer clients, no 20 MB join: ~5 minutes
 #   SERVERS="collab ref" ONLY="fanout-200 join" bench/run.sh
 #   NO_BUILD=1 bench/run.sh      # use the binaries already in target/release
 #   REPEAT=3 bench/run.sh        # every run three times; RESULTS.md shows medians
 #
-# Every run is bounded (--max-seconds 20) and starts a fresh server in a fresh temporary folder.
+# Every run is bounded (--max-seconds, per case below) and starts a fresh server in a fresh temporary folder.
 # Raw output: bench/out/<time>/ (results.jsonl, log.txt, each server's stderr).
 set -uo pipefail
 
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$BENCH")"
 SCALE="${SCALE:-full}"
-SERVERS="${SERVERS:-collab ref ref-leveldb}"
+SERVERS="${SERVERS:-collab ref ref-leveldb hocuspocus}"
 ONLY="${ONLY:-}"
 REPEAT="${REPEAT:-1}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -32,38 +33,70 @@ fi
 BIN="$ROOT/target/release/collab-bench"
 COLLAB="$ROOT/target/release/collab"
 REF_JS="$BENCH/.ref/node_modules/@y/websocket-server/src/server.js"
-# Two thousand client sockets plus as many on the server side.
+# rooms-2500x4 opens 10,000 client sockets here and as many in the server (which inherits this
+# limit): each process needs a little over 10,000 descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" -lt 10100 ]; then
+  echo "warning: ulimit -n is $(ulimit -n); rooms-2500x4 needs about 10,100 descriptors per process" >&2
+fi
 
 server_cmd() {
   case "$1" in
     collab) echo "$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db" ;;
     ref) echo "env HOST=127.0.0.1 PORT={port} node $REF_JS" ;;
     ref-leveldb) echo "env HOST=127.0.0.1 PORT={port} YPERSISTENCE={dir}/leveldb node $REF_JS" ;;
+    hocuspocus) echo "env HOST=127.0.0.1 PORT={port} node $BENCH/hocuspocus-server.cjs" ;;
     *) echo "unknown server $1" >&2; return 1 ;;
   esac
 }
+server_protocol() {
+  case "$1" in
+    hocuspocus) echo hocuspocus ;;
+    *) echo y ;;
+  esac
+}
 
-# name | scenario and arguments
+# name | --max-seconds | scenario and arguments
+# Join documents: words of 1–8 characters take about 5.4 bytes per operation encoded, so
+# 780,000 operations make about 4 MB and 3,900,000 about 20 MB.
 if [ "$SCALE" = small ]; then
-  W="--warmup 1 --duration 4 --drain 2"
+  W="--warmup 1 --duration 3 --drain 2"
   CASES=(
-    "fanout-200|fanout --readers 200 --rate 200 $W"
-    "fanout-50|fanout --readers 50 --rate 200 $W"
-    "fanout-20x20|fanout --writers 20 --readers 0 --rate 20 $W"
-    "rooms|rooms --docs 200 --per-doc 4 --settle 2"
-    "rooms-no-awareness|rooms --docs 200 --per-doc 4 --settle 2 --no-awareness"
-    "join|join --ops 260000 --clients 1,150 --rounds 2"
+    "fanout-200|20|fanout --readers 200 --rate 200 $W"
+    "fanout-50|20|fanout --readers 50 --rate 200 $W"
+    "fanout-1000|30|fanout --readers 1000 --rate 200 $W"
+    "fanout-200-r1000|20|fanout --readers 200 --rate 1000 $W"
+    "writers-20|20|fanout --writers 20 --readers 0 --rate 20 $W"
+    "writers-200|60|fanout --writers 200 --readers 0 --rate 20 $W"
+    "presence-200|30|presence --clients 200 $W"
+    "rooms|30|rooms --docs 200 --per-doc 4 --settle 2 --edit-seconds 3"
+    "join|40|join --ops 260000 --clients 1,150 --rounds 2"
+    "join-4mb|60|join --ops 780000 --word 8 --batch 10000 --clients 1,150 --rounds 1"
+    "cold|60|cold --ops 260000 --restarts 2"
+    "churn|60|churn --ops 5000"
   )
 else
-  W="--warmup 2 --duration 10 --drain 3"
+  W="--warmup 2 --duration 8 --drain 3"
+  WH="--warmup 1 --duration 5 --drain 3"
   CASES=(
-    "fanout-200|fanout --readers 200 --rate 200 $W"
-    "fanout-50|fanout --readers 50 --rate 200 $W"
-    "fanout-20x20|fanout --writers 20 --readers 0 --rate 20 $W"
-    "rooms|rooms --docs 500 --per-doc 4 --settle 3"
-    "rooms-no-awareness|rooms --docs 500 --per-doc 4 --settle 3 --no-awareness"
-    "join|join --ops 260000 --clients 1,150 --rounds 3"
+    "fanout-50|30|fanout --readers 50 --rate 200 $W"
+    "fanout-200|30|fanout --readers 200 --rate 200 $W"
+    "fanout-1000|45|fanout --readers 1000 --rate 200 $W"
+    "fanout-50-r1000|30|fanout --readers 50 --rate 1000 $W"
+    "fanout-200-r1000|30|fanout --readers 200 --rate 1000 $W"
+    "fanout-1000-r1000|45|fanout --readers 1000 --rate 1000 $WH"
+    "writers-20|30|fanout --writers 20 --readers 0 --rate 20 $W"
+    "writers-200|90|fanout --writers 200 --readers 0 --rate 20 $WH"
+    "presence-500|40|presence --clients 500 $W"
+    "rooms|30|rooms --docs 500 --per-doc 4 --settle 3"
+    "rooms-no-awareness|30|rooms --docs 500 --per-doc 4 --settle 3 --no-awareness"
+    "rooms-2000x1|30|rooms --docs 2000 --per-doc 1 --settle 3"
+    "rooms-2500x4|90|rooms --docs 2500 --per-doc 4 --settle 3 --edit-seconds 5"
+    "join|40|join --ops 260000 --clients 1,150 --rounds 3"
+    "join-4mb|90|join --ops 780000 --word 8 --batch 10000 --clients 1,150 --rounds 2"
+    "join-20mb|150|join --ops 3900000 --word 8 --batch 10000 --clients 1,150 --rounds 1"
+    "cold|60|cold --ops 260000 --restarts 3"
+    "churn|60|churn --ops 20000"
   )
 fi
 
@@ -72,7 +105,9 @@ failed=0
 for round in $(seq 1 "$REPEAT"); do
 for c in "${CASES[@]}"; do
   name="${c%%|*}"
-  args="${c#*|}"
+  rest="${c#*|}"
+  max="${rest%%|*}"
+  args="${rest#*|}"
   if [ -n "$ONLY" ] && ! [[ " $ONLY " == *" $name "* ]]; then continue; fi
   # Servers take turns within a scenario, so background load hits them alike.
   for s in $SERVERS; do
@@ -81,7 +116,8 @@ for c in "${CASES[@]}"; do
     echo "### $name · $s (round $round of $REPEAT)"
     # shellcheck disable=SC2086
     if ! "$BIN" $args --name "$name" --server-label "$s" --server-cmd "$cmd" \
-      --server-log "$OUT/$name.$s.stderr" --json-out "$OUT/results.jsonl" --max-seconds 20; then
+      --protocol "$(server_protocol "$s")" \
+      --server-log "$OUT/$name.$s.stderr" --json-out "$OUT/results.jsonl" --max-seconds "$max"; then
       echo "!!! $name against $s failed"
       failed=$((failed + 1))
     fi
@@ -93,9 +129,10 @@ load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 rev="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
 dirty="$(cd "$ROOT" && git status --porcelain -- server crdt storage 2>/dev/null | head -1)"
-"$BIN" report --input "$OUT/results.jsonl" --out "$RESULTS" --base collab \
+"$BIN" report --input "$OUT/results.jsonl" --out "$RESULTS" --base collab --ref ref \
+  --charts "$BENCH/charts" \
   --note "Generated by \`bench/run.sh\` (SCALE=$SCALE) on $(date -u '+%Y-%m-%d %H:%M UTC'); raw lines in bench/out/$STAMP/results.jsonl." \
-  --note "Servers: collab $rev${dirty:+ (with uncommitted changes)} release build of $(date -u -r "$COLLAB" "+%Y-%m-%d %H:%M UTC") (default options, RUST_LOG unset = info); @y/websocket-server $(node -p "require('$BENCH/.ref/node_modules/@y/websocket-server/package.json').version") on yjs $(node -p "require('$BENCH/.ref/node_modules/yjs/package.json').version"), Node $(node --version), as \`ref\` and with \`YPERSISTENCE\` (LevelDB) as \`ref-leveldb\`." \
+  --note "Servers: collab $rev${dirty:+ (with uncommitted changes)} release build of $(date -u -r "$COLLAB" "+%Y-%m-%d %H:%M UTC") (default options, RUST_LOG unset = info); @y/websocket-server $(node -p "require('$BENCH/.ref/node_modules/@y/websocket-server/package.json').version") on yjs $(node -p "require('$BENCH/.ref/node_modules/yjs/package.json').version"), Node $(node --version), as \`ref\` and with \`YPERSISTENCE\` (LevelDB) as \`ref-leveldb\`; @hocuspocus/server $(node -p "require('$BENCH/.ref/hocuspocus/node_modules/@hocuspocus/server/package.json').version") without extensions (in memory) as \`hocuspocus\`." \
   --note "Load generator: \`collab-bench\` (bench/), one process, on the same machine; readers only parse update headers." \
   --note "Load average (1/5/15 min) before the runs: $load_start; after: $load_end. Other work on the machine shows up as noise, mostly in latency tails." \
   || failed=$((failed + 1))

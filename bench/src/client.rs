@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::proto::{self, Msg};
+use crate::proto::{self, Framing, Msg};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub type Sink = SplitSink<Ws, Message>;
@@ -25,6 +25,8 @@ pub struct Synced {
     pub sync_time: Duration,
     /// Size of the SyncStep2 payload (the update).
     pub step2_bytes: usize,
+    /// The SyncStep2 payload itself, when asked for (`keep_step2`).
+    pub step2: Option<Vec<u8>>,
 }
 
 /// Connection problems seen during a run: unexpected closes and errors, with a few examples.
@@ -58,11 +60,23 @@ impl Trouble {
 
 /// Opens `url` (TCP_NODELAY, small read buffer), sends SyncStep1 (empty state vector) and, if
 /// given, an awareness message; answers the server's SyncStep1 with an empty SyncStep2 and
-/// returns once the server's SyncStep2 has arrived.
+/// returns once the server's SyncStep2 has arrived. `awareness` is an unframed message.
 pub async fn connect_synced(
     url: &str,
+    fr: &Framing,
     awareness: Option<Vec<u8>>,
     timeout: Duration,
+) -> anyhow::Result<Synced> {
+    connect_synced_opts(url, fr, awareness, timeout, false).await
+}
+
+/// `connect_synced`, optionally keeping the SyncStep2 payload (the whole document).
+pub async fn connect_synced_opts(
+    url: &str,
+    fr: &Framing,
+    awareness: Option<Vec<u8>>,
+    timeout: Duration,
+    keep_step2: bool,
 ) -> anyhow::Result<Synced> {
     let t0 = Instant::now();
     let config = WebSocketConfig::default()
@@ -75,10 +89,13 @@ pub async fn connect_synced(
             .await
             .with_context(|| format!("connect {url}"))?;
         let (mut sink, mut stream) = ws.split();
-        sink.send(Message::binary(proto::SYNC_STEP1_EMPTY.to_vec()))
+        if let Some(h) = fr.hello() {
+            sink.send(Message::binary(h)).await?;
+        }
+        sink.send(Message::binary(fr.frame(&proto::SYNC_STEP1_EMPTY)))
             .await?;
         if let Some(a) = awareness {
-            sink.send(Message::binary(a)).await?;
+            sink.send(Message::binary(fr.frame(&a))).await?;
         }
         loop {
             let m = stream
@@ -89,21 +106,22 @@ pub async fn connect_synced(
                 Message::Binary(b) => {
                     let mut answer = false;
                     let mut step2 = None;
-                    proto::for_each_message(&b, |m| match m {
+                    fr.messages(&b, |m| match m {
                         Msg::SyncStep1 => answer = true,
-                        Msg::SyncStep2(p) => step2 = Some(p.len()),
+                        Msg::SyncStep2(p) => step2 = Some(p),
                         _ => {}
                     });
                     if answer {
-                        sink.send(Message::binary(proto::SYNC_STEP2_EMPTY.to_vec()))
+                        sink.send(Message::binary(fr.frame(&proto::SYNC_STEP2_EMPTY)))
                             .await?;
                     }
-                    if let Some(n) = step2 {
+                    if let Some(p) = step2 {
                         return Ok(Synced {
+                            sync_time: t0.elapsed(),
+                            step2_bytes: p.len(),
+                            step2: keep_step2.then(|| p.to_vec()),
                             sink,
                             stream,
-                            sync_time: t0.elapsed(),
-                            step2_bytes: n,
                         });
                     }
                 }
@@ -115,6 +133,14 @@ pub async fn connect_synced(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| anyhow!("no SyncStep2 within {timeout:?} from {url}"))?
+}
+
+/// The whole document as a fresh client receives it (the SyncStep2 payload).
+pub async fn fetch_document(url: &str, fr: &Framing) -> anyhow::Result<Vec<u8>> {
+    let s = connect_synced_opts(url, fr, None, Duration::from_secs(60), true).await?;
+    let doc = s.step2.clone().unwrap_or_default();
+    close_gracefully(s.sink, s.stream).await;
+    Ok(doc)
 }
 
 /// Sends a close frame and reads until the server's answer ends the stream (at most 2 s).

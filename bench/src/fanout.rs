@@ -69,6 +69,7 @@ struct Shared {
     trouble: Trouble,
     /// Set when the generator starts closing: a close from now on is expected.
     closing: AtomicBool,
+    framing: proto::Framing,
 }
 
 impl Shared {
@@ -130,7 +131,7 @@ async fn reader_loop(
         };
         let now = shared.now_us();
         let mut bad = false;
-        let ok = proto::for_each_message(&frame, |m| {
+        let ok = shared.framing.messages(&frame, |m| {
             if let Msg::Update(u) = m {
                 let parsed = proto::update_ranges(u, |client, clock, len| {
                     let Some(&w) = shared.writer_index.get(&client) else {
@@ -208,7 +209,7 @@ async fn writer_loop(
             text.insert(&mut txn, len, c.encode_utf8(&mut [0u8; 4]));
             txn.encode_update_v1()
         };
-        let msg = proto::update_message(&update);
+        let msg = shared.framing.frame(&proto::update_message(&update));
         shared.sent_us[idx][seq as usize].store(shared.now_us() + 1, Ordering::Release);
         if let Err(e) = sink.send(Message::binary(msg)).await {
             shared
@@ -245,6 +246,7 @@ pub async fn run(
         received: AtomicU64::new(0),
         trouble: Trouble::default(),
         closing: AtomicBool::new(false),
+        framing: server.framing(&a.doc),
     });
 
     // Connect everybody: readers first, then writers.
@@ -252,9 +254,11 @@ pub async fn run(
     let n = a.readers + a.writers;
     let conns = {
         let url = url.clone();
+        let fr = shared.framing.clone();
         client::bounded(n, a.connect_concurrency, move |_| {
             let url = url.clone();
-            async move { client::connect_synced(&url, None, Duration::from_secs(15)).await }
+            let fr = fr.clone();
+            async move { client::connect_synced(&url, &fr, None, Duration::from_secs(15)).await }
         })
         .await
     };
@@ -325,10 +329,12 @@ pub async fn run(
     let gen1 = server::self_cpu_seconds(clk);
     let rss_loaded = server.rss_kb();
     let mut sent_total = 0u64;
+    let mut sent_per_writer = Vec::new();
     let mut kept_writer_sinks = Vec::new();
     for t in writer_tasks {
         let (sink, sent) = t.await?;
         sent_total += sent;
+        sent_per_writer.push(sent);
         kept_writer_sinks.push(sink);
     }
     let receivers = (readers_ok + a.writers - 1) as u64;
@@ -338,6 +344,9 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // While everybody is still connected: an in-memory server (hocuspocus) drops a document
+    // once its last connection closes.
+    let convergence = check_convergence(&url, &shared.framing, &ids, &sent_per_writer).await;
     // Close every connection cleanly; the read loops end on the server's close answer.
     shared.closing.store(true, Ordering::Relaxed);
     let mut sinks: Vec<client::Sink> = kept_writer_sinks.into_iter().chain(reader_sinks).collect();
@@ -439,6 +448,7 @@ pub async fn run(
         "cpu_util": cpu_s.map(|c| round(c / window_s, 3)),
         "gen_cpu_util": round((gen1 - gen0) / window_s, 3),
         "rss_kb": {"idle": rss_idle, "connected": rss_connected, "end_of_window": rss_loaded},
+        "convergence": convergence,
         "trouble": shared.trouble.json(),
     });
     let f = |v: &Value| crate::stats::fmt_opt(v);
@@ -487,6 +497,23 @@ pub async fn run(
             ),
         ),
         (
+            "convergence (fresh client)".into(),
+            match j["convergence"]["converged"].as_bool() {
+                Some(true) => format!(
+                    "yes: {} characters, every writer's clock matches",
+                    j["convergence"]["text_len"]
+                ),
+                Some(false) => format!(
+                    "NO: {} characters of {} sent, {} of {} writers' clocks match",
+                    j["convergence"]["text_len"],
+                    j["convergence"]["expected_len"],
+                    j["convergence"]["writers_matching"],
+                    a.writers
+                ),
+                None => format!("not checked: {}", j["convergence"]["error"]),
+            },
+        ),
+        (
             "generator CPU".into(),
             format!("{} cores busy", f(&j["gen_cpu_util"])),
         ),
@@ -500,4 +527,57 @@ pub async fn run(
         ),
     ];
     Ok((j, rows))
+}
+
+/// Convergence: a fresh client fetches the whole document after the run; its text must hold
+/// every character sent and each writer's clock in it must equal that writer's edit count.
+async fn check_convergence(url: &str, fr: &proto::Framing, ids: &[u64], sent: &[u64]) -> Value {
+    // Bounded: a saturated server answers a new client only after its backlog, and the run's
+    // figures must survive that.
+    let doc = match tokio::time::timeout(Duration::from_secs(10), client::fetch_document(url, fr))
+        .await
+    {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return json!({ "converged": null, "error": format!("{e:#}") }),
+        Err(_) => {
+            return json!({ "converged": null, "error": "no SyncStep2 within 10 s (server backlog)" })
+        }
+    };
+    let (text_len, clocks) = match document_summary(&doc) {
+        Ok(x) => x,
+        Err(e) => return json!({ "converged": null, "error": format!("{e:#}") }),
+    };
+    let matching = ids
+        .iter()
+        .zip(sent)
+        .filter(|(id, n)| clocks.get(id).copied().unwrap_or(0) == **n)
+        .count();
+    let expected: u64 = sent.iter().sum();
+    json!({
+        "converged": matching == ids.len() && text_len == expected,
+        "text_len": text_len,
+        "expected_len": expected,
+        "writers_matching": matching,
+        "doc_bytes": doc.len(),
+    })
+}
+
+/// Text length of "t" and the state vector of a v1 update holding a whole document.
+pub fn document_summary(update: &[u8]) -> anyhow::Result<(u64, HashMap<u64, u64>)> {
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, ReadTxn};
+    let doc = Doc::new();
+    let text = doc.get_or_insert_text("t");
+    let u = yrs::Update::decode_v1(update).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+    doc.transact_mut()
+        .apply_update(u)
+        .map_err(|e| anyhow::anyhow!("apply: {e}"))?;
+    let txn = doc.transact();
+    let len = text.get_string(&txn).chars().count() as u64;
+    let sv = txn
+        .state_vector()
+        .iter()
+        .map(|(c, k)| (c.get(), u64::from(*k)))
+        .collect();
+    Ok((len, sv))
 }

@@ -27,6 +27,10 @@ pub struct JoinArgs {
     /// Chance that an insert goes to a random position instead of after the previous one.
     #[arg(long, default_value_t = 0.025)]
     pub jump: f64,
+    /// Longest word one operation inserts (1–N characters, uniformly); 1 types characters.
+    /// Words reach multi-megabyte documents with a few million operations.
+    #[arg(long, default_value_t = 1)]
+    pub word: usize,
     /// Numbers of clients that join at once (one measurement each).
     #[arg(long, value_delimiter = ',', default_value = "1,150")]
     pub clients: Vec<usize>,
@@ -39,11 +43,14 @@ pub struct JoinArgs {
     pub doc: String,
 }
 
-/// The document's characters in order, as clocks of the one writing client: insert at an index
-/// and read neighbours in O(√n) (chunks of at most 1024).
+/// The document's words in order, as (first clock, length) of the one writing client: insert at
+/// an index and read neighbours in chunks of at most 1024. Locating walks from the chunk of the
+/// previous access, so typing on (the common case) costs O(1) and only jumps walk the chunks.
 struct Seq {
-    chunks: Vec<Vec<u32>>,
+    chunks: Vec<Vec<(u32, u32)>>,
     len: usize,
+    /// Chunk of the last access and the index of its first element.
+    hint: (usize, usize),
 }
 
 impl Seq {
@@ -51,23 +58,28 @@ impl Seq {
         Seq {
             chunks: vec![Vec::new()],
             len: 0,
+            hint: (0, 0),
         }
     }
     /// Chunk and offset of index `i` (`i == len` gives the end of the last chunk).
-    fn locate(&self, mut i: usize) -> (usize, usize) {
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            if i < chunk.len() || c == self.chunks.len() - 1 {
-                return (c, i);
-            }
-            i -= chunk.len();
+    fn locate(&mut self, i: usize) -> (usize, usize) {
+        let (mut c, mut start) = self.hint;
+        while i < start {
+            c -= 1;
+            start -= self.chunks[c].len();
         }
-        unreachable!()
+        while i >= start + self.chunks[c].len() && c + 1 < self.chunks.len() {
+            start += self.chunks[c].len();
+            c += 1;
+        }
+        self.hint = (c, start);
+        (c, i - start)
     }
-    fn get(&self, i: usize) -> u32 {
+    fn get(&mut self, i: usize) -> (u32, u32) {
         let (c, o) = self.locate(i);
         self.chunks[c][o]
     }
-    fn insert(&mut self, i: usize, v: u32) {
+    fn insert(&mut self, i: usize, v: (u32, u32)) {
         let (c, o) = self.locate(i);
         self.chunks[c].insert(o, v);
         self.len += 1;
@@ -89,6 +101,7 @@ pub struct DocGen {
     clock: u32,
     cursor: usize,
     jump: f64,
+    word: usize,
 }
 
 struct Run {
@@ -109,7 +122,14 @@ impl DocGen {
             clock: 0,
             cursor: 0,
             jump,
+            word: 1,
         }
+    }
+
+    /// Operations insert words of 1..=`word` characters instead of single characters.
+    pub fn with_word(mut self, word: usize) -> DocGen {
+        self.word = word.max(1);
+        self
     }
 
     pub fn next_batch(&mut self, n: usize) -> Vec<u8> {
@@ -120,22 +140,37 @@ impl DocGen {
             if self.rng.chance(self.jump) || self.cursor > len {
                 self.cursor = self.rng.below(len as u64 + 1) as usize;
             }
-            let c = b'a' + self.rng.below(26) as u8;
-            let left = (self.cursor > 0).then(|| self.seq.get(self.cursor - 1));
-            let right = (self.cursor < len).then(|| self.seq.get(self.cursor));
-            match runs.last_mut() {
-                Some(r) if self.clock > 0 && left == Some(self.clock - 1) && r.right == right => {
-                    r.text.push(c)
+            // Single characters draw nothing extra, which keeps the 260,000-character
+            // document of earlier results byte for byte the same.
+            let wlen = if self.word > 1 {
+                1 + self.rng.below(self.word as u64) as u32
+            } else {
+                1
+            };
+            let left = (self.cursor > 0).then(|| {
+                let (start, l) = self.seq.get(self.cursor - 1);
+                start + l - 1
+            });
+            let right = (self.cursor < len).then(|| self.seq.get(self.cursor).0);
+            for k in 0..wlen {
+                let c = b'a' + self.rng.below(26) as u8;
+                match runs.last_mut() {
+                    Some(r)
+                        if (k > 0 || (self.clock > 0 && left == Some(self.clock - 1)))
+                            && r.right == right =>
+                    {
+                        r.text.push(c)
+                    }
+                    _ => runs.push(Run {
+                        start: self.clock,
+                        origin: left,
+                        right,
+                        text: vec![c],
+                    }),
                 }
-                _ => runs.push(Run {
-                    start: self.clock,
-                    origin: left,
-                    right,
-                    text: vec![c],
-                }),
+                self.clock += 1;
             }
-            self.seq.insert(self.cursor, self.clock);
-            self.clock += 1;
+            self.seq.insert(self.cursor, (self.clock - wlen, wlen));
             self.cursor += 1;
         }
         let mut u = Vec::with_capacity(n + runs.len() * 20 + 16);
@@ -174,39 +209,49 @@ impl DocGen {
     }
 }
 
-pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(String, String)>)> {
-    if a.batch == 0 {
+/// The building writer, still connected, and what building cost.
+pub struct Built {
+    pub sink: client::Sink,
+    pub stream: client::Stream,
+    pub build_s: f64,
+    /// Of which spent generating updates in this process.
+    pub local_s: f64,
+    pub sent_bytes: usize,
+}
+
+/// Connects a writer and sends `ops` operations of `generator` in batches, each waiting for its
+/// echo (the server has applied and, for collab, stored it).
+pub async fn build(
+    url: &str,
+    fr: &proto::Framing,
+    mut generator: DocGen,
+    ops: usize,
+    batch: usize,
+) -> anyhow::Result<Built> {
+    if batch == 0 {
         bail!("--batch must be positive");
     }
-    let trouble = Trouble::default();
-    let url = server.url(&a.doc);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_idle = server.rss_kb();
-
-    // Build the document.
-    let mut generator = DocGen::new(a.seed, a.jump);
-    let writer = client::connect_synced(&url, None, Duration::from_secs(15)).await?;
+    let writer = client::connect_synced(url, fr, None, Duration::from_secs(15)).await?;
     let (mut sink, mut stream) = (writer.sink, writer.stream);
     let t_build = Instant::now();
     let mut local = Duration::ZERO;
     let mut done = 0;
     let mut sent_bytes = 0usize;
-    while done < a.ops {
-        let n = a.batch.min(a.ops - done);
+    while done < ops {
+        let n = batch.min(ops - done);
         let t = Instant::now();
         let update = generator.next_batch(n);
         local += t.elapsed();
         sent_bytes += update.len();
-        sink.send(Message::binary(proto::update_message(&update)))
+        sink.send(Message::binary(fr.frame(&proto::update_message(&update))))
             .await?;
         done += n;
-        // Wait for the echo: the server has applied (and, for collab, stored) the batch.
         let echo = async {
             loop {
                 match stream.next().await {
                     Some(Ok(Message::Binary(b))) => {
                         let mut is_update = false;
-                        proto::for_each_message(&b, |m| is_update |= matches!(m, Msg::Update(_)));
+                        fr.messages(&b, |m| is_update |= matches!(m, Msg::Update(_)));
                         if is_update {
                             return Ok(());
                         }
@@ -220,11 +265,35 @@ pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(S
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), echo)
+        tokio::time::timeout(Duration::from_secs(60), echo)
             .await
-            .map_err(|_| anyhow!("no echo of batch ending at op {done} within 30 s"))??;
+            .map_err(|_| anyhow!("no echo of batch ending at op {done} within 60 s"))??;
     }
-    let build_s = t_build.elapsed().as_secs_f64();
+    Ok(Built {
+        sink,
+        stream,
+        build_s: t_build.elapsed().as_secs_f64(),
+        local_s: local.as_secs_f64(),
+        sent_bytes,
+    })
+}
+
+pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(String, String)>)> {
+    let trouble = Trouble::default();
+    let url = server.url(&a.doc);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = server.rss_kb();
+
+    // Build the document.
+    let fr = server.framing(&a.doc);
+    let generator = DocGen::new(a.seed, a.jump).with_word(a.word);
+    let Built {
+        mut sink,
+        mut stream,
+        build_s,
+        local_s,
+        sent_bytes,
+    } = build(&url, &fr, generator, a.ops, a.batch).await?;
     // Keep the writer connected (the document stays loaded) and drain its socket meanwhile.
     let mut drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -246,10 +315,12 @@ pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(S
         let cpu0 = server.cpu_seconds();
         for _ in 0..a.rounds.max(1) {
             let u = url.clone();
+            let fr = fr.clone();
             let res = client::bounded(m, m, move |_| {
                 let u = u.clone();
+                let fr = fr.clone();
                 async move {
-                    let s = client::connect_synced(&u, None, Duration::from_secs(30)).await?;
+                    let s = client::connect_synced(&u, &fr, None, Duration::from_secs(30)).await?;
                     let r = (s.sync_time, s.step2_bytes);
                     client::close_gracefully(s.sink, s.stream).await;
                     anyhow::Ok(r)
@@ -321,14 +392,15 @@ pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(S
         "doc_bytes": doc_bytes,
         "sent_bytes": sent_bytes,
         "build_s": round(build_s, 3),
-        "build_local_s": round(local.as_secs_f64(), 3),
+        "build_local_s": round(local_s, 3),
+        "word": a.word,
         "rss_kb": {"idle": rss_idle, "loaded": rss_loaded, "after_joins": rss_after},
         "rss_delta_kb": delta,
         "joins": joins,
         "trouble": trouble.json(),
     });
     let mut head: Vec<(String, String)> = vec![
-        ("document".into(), format!("{} ops, {} bytes sent in batches, {} bytes in a SyncStep2, built in {build_s:.2} s ({:.2} s generating)", a.ops, sent_bytes, doc_bytes.unwrap_or(0), local.as_secs_f64())),
+        ("document".into(), format!("{} ops, {} bytes sent in batches, {} bytes in a SyncStep2, built in {build_s:.2} s ({local_s:.2} s generating)", a.ops, sent_bytes, doc_bytes.unwrap_or(0))),
         ("server RSS KiB idle → loaded".into(), format!("{} → {} (+{} KiB)", rss_idle.unwrap_or(0), rss_loaded.unwrap_or(0), delta.unwrap_or(0))),
     ];
     head.extend(rows);
@@ -342,32 +414,44 @@ mod tests {
     use yrs::{GetString, Transact, Update};
 
     /// The hand-encoded updates are what Yjs would accept, and give the text a naive model
-    /// of the same operations gives.
+    /// of the same operations gives (words of one character, and of up to 7).
     #[test]
     fn generated_updates_match_a_naive_model() {
-        let mut g = DocGen::new(3, 0.2);
-        let mut model = DocGen::new(3, 0.2);
-        let doc = yrs::Doc::new();
-        let text = doc.get_or_insert_text("t");
-        let mut naive: Vec<u8> = Vec::new();
-        for _ in 0..20 {
-            let u = g.next_batch(250);
-            doc.transact_mut()
-                .apply_update(Update::decode_v1(&u).expect("decodes"))
-                .expect("applies");
-            // replay the same random choices against a plain vector
-            for _ in 0..250 {
-                let len = naive.len();
-                if model.rng.chance(model.jump) || model.cursor > len {
-                    model.cursor = model.rng.below(len as u64 + 1) as usize;
+        for word in [1usize, 7] {
+            let mut g = DocGen::new(3, 0.2).with_word(word);
+            let mut model = DocGen::new(3, 0.2).with_word(word);
+            let doc = yrs::Doc::new();
+            let text = doc.get_or_insert_text("t");
+            let mut naive: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..20 {
+                let u = g.next_batch(250);
+                doc.transact_mut()
+                    .apply_update(Update::decode_v1(&u).expect("decodes"))
+                    .expect("applies");
+                // replay the same random choices against a plain vector of words
+                for _ in 0..250 {
+                    let len = naive.len();
+                    if model.rng.chance(model.jump) || model.cursor > len {
+                        model.cursor = model.rng.below(len as u64 + 1) as usize;
+                    }
+                    let wlen = if word > 1 {
+                        1 + model.rng.below(word as u64) as usize
+                    } else {
+                        1
+                    };
+                    let w: Vec<u8> = (0..wlen)
+                        .map(|_| b'a' + model.rng.below(26) as u8)
+                        .collect();
+                    naive.insert(model.cursor, w);
+                    model.cursor += 1;
                 }
-                let c = b'a' + model.rng.below(26) as u8;
-                naive.insert(model.cursor, c);
-                model.cursor += 1;
             }
+            let got = text.get_string(&doc.transact());
+            let want = naive.concat();
+            if word == 1 {
+                assert_eq!(got.len(), 5000);
+            }
+            assert_eq!(got.as_bytes(), &want[..], "word {word}");
         }
-        let got = text.get_string(&doc.transact());
-        assert_eq!(got.len(), 5000);
-        assert_eq!(got.as_bytes(), &naive[..]);
     }
 }

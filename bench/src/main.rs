@@ -4,8 +4,10 @@
 //! and a small human table; `report` turns the JSON lines of several servers into RESULTS.md.
 
 mod client;
+mod disk;
 mod fanout;
 mod join;
+mod presence;
 mod proto;
 mod report;
 mod rooms;
@@ -53,6 +55,27 @@ enum Cmd {
         #[command(flatten)]
         args: join::JoinArgs,
     },
+    /// N clients in one document renewing their awareness state: share delivered, server CPU.
+    Presence {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: presence::PresenceArgs,
+    },
+    /// A stored document opened after a server restart on the same data folder.
+    Cold {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: disk::ColdArgs,
+    },
+    /// Inserts and deletes: bytes the server writes per byte of final document.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: disk::ChurnArgs,
+    },
     /// Writes a Markdown report from the JSON lines of earlier runs.
     Report(report::ReportArgs),
 }
@@ -89,10 +112,13 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Fanout { common, .. } => (common, "fanout"),
         Cmd::Rooms { common, .. } => (common, "rooms"),
         Cmd::Join { common, .. } => (common, "join"),
+        Cmd::Presence { common, .. } => (common, "presence"),
+        Cmd::Cold { common, .. } => (common, "cold"),
+        Cmd::Churn { common, .. } => (common, "churn"),
         Cmd::Report(_) => unreachable!(),
     };
     let t0 = Instant::now();
-    let srv = {
+    let mut srv = {
         let args = common.server.clone();
         tokio::task::spawn_blocking(move || server::Server::start(&args)).await??
     };
@@ -104,6 +130,9 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Cmd::Fanout { args, .. } => fanout::run(args, &srv).await,
             Cmd::Rooms { args, .. } => rooms::run(args, &srv).await,
             Cmd::Join { args, .. } => join::run(args, &srv).await,
+            Cmd::Presence { args, .. } => presence::run(args, &srv).await,
+            Cmd::Cold { args, .. } => disk::cold(args, &mut srv).await,
+            Cmd::Churn { args, .. } => disk::churn(args, &srv).await,
             Cmd::Report(_) => unreachable!(),
         }
     };

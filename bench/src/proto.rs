@@ -71,12 +71,141 @@ pub enum Msg<'a> {
     SyncStep1,
     SyncStep2(&'a [u8]),
     Update(&'a [u8]),
-    Awareness,
+    /// The awareness update (entry count, then client id, clock and JSON state per entry).
+    Awareness(&'a [u8]),
     Other,
 }
 
-/// Calls `f` for each message of a frame (servers send one per frame; several are tolerated).
-/// Returns false when the frame is malformed.
+/// Which dialect of the protocol the server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Protocol {
+    /// y-websocket: the room is the URL path, one message per frame.
+    Y,
+    /// Hocuspocus: every message starts with the document name (varString); the client first
+    /// sends an Auth token message and the server holds back everything else of that document
+    /// until it has answered with Authenticated (checked against @hocuspocus/server 3.4.4,
+    /// ClientConnection.ts and MessageReceiver.ts).
+    Hocuspocus,
+}
+
+/// How one connection wraps and unwraps messages for one document.
+#[derive(Clone, Debug)]
+pub struct Framing {
+    pub protocol: Protocol,
+    /// varString(document name) for hocuspocus, empty for y-websocket.
+    prefix: Vec<u8>,
+}
+
+/// Hocuspocus message types beyond y-websocket's 0–3 (@hocuspocus/server src/types.ts).
+const HP_SYNC_REPLY: u64 = 4;
+const HP_STATELESS: u64 = 5;
+const HP_BROADCAST_STATELESS: u64 = 6;
+const HP_CLOSE: u64 = 7;
+const HP_SYNC_STATUS: u64 = 8;
+
+impl Framing {
+    pub fn new(protocol: Protocol, doc: &str) -> Framing {
+        let mut prefix = Vec::new();
+        if protocol == Protocol::Hocuspocus {
+            write_var(&mut prefix, doc.len() as u64);
+            prefix.extend_from_slice(doc.as_bytes());
+        }
+        Framing { protocol, prefix }
+    }
+
+    /// One outgoing frame around one y-protocols message.
+    pub fn frame(&self, msg: &[u8]) -> Vec<u8> {
+        if self.prefix.is_empty() {
+            return msg.to_vec();
+        }
+        let mut v = Vec::with_capacity(self.prefix.len() + msg.len());
+        v.extend_from_slice(&self.prefix);
+        v.extend_from_slice(msg);
+        v
+    }
+
+    /// Frames a client sends before SyncStep1: hocuspocus's Auth(Token, "") (what
+    /// HocuspocusProvider sends without a token), nothing for y-websocket.
+    pub fn hello(&self) -> Option<Vec<u8>> {
+        (self.protocol == Protocol::Hocuspocus).then(|| self.frame(&[2, 0, 0]))
+    }
+
+    /// Calls `f` for each message of a frame; false when the frame is malformed.
+    pub fn messages<'a>(&self, frame: &'a [u8], f: impl FnMut(Msg<'a>)) -> bool {
+        match self.protocol {
+            Protocol::Y => for_each_message(frame, f),
+            Protocol::Hocuspocus => hocuspocus_message(frame, f),
+        }
+    }
+}
+
+/// A hocuspocus frame: document name, then exactly one message.
+fn hocuspocus_message<'a>(frame: &'a [u8], mut f: impl FnMut(Msg<'a>)) -> bool {
+    let mut pos = 0;
+    if read_bytes(frame, &mut pos).is_none() {
+        return false;
+    }
+    let Some(kind) = read_var(frame, &mut pos) else {
+        return false;
+    };
+    let ok = match kind {
+        0 | HP_SYNC_REPLY => {
+            let (Some(sub), Some(payload)) =
+                (read_var(frame, &mut pos), read_bytes(frame, &mut pos))
+            else {
+                return false;
+            };
+            f(sync_msg(sub, payload));
+            true
+        }
+        1 => match read_bytes(frame, &mut pos) {
+            Some(p) => {
+                f(Msg::Awareness(p));
+                true
+            }
+            None => false,
+        },
+        2 => {
+            // Token request (0) has no string; PermissionDenied (1) and Authenticated (2) do.
+            let ok = match read_var(frame, &mut pos) {
+                Some(0) => true,
+                Some(_) => read_bytes(frame, &mut pos).is_some(),
+                None => false,
+            };
+            f(Msg::Other);
+            ok
+        }
+        3 => {
+            f(Msg::Other);
+            true
+        }
+        HP_STATELESS | HP_BROADCAST_STATELESS | HP_CLOSE => {
+            f(Msg::Other);
+            read_bytes(frame, &mut pos).is_some()
+        }
+        HP_SYNC_STATUS => {
+            f(Msg::Other);
+            read_var(frame, &mut pos).is_some()
+        }
+        _ => {
+            f(Msg::Other);
+            true
+        }
+    };
+    ok
+}
+
+fn sync_msg(sub: u64, payload: &[u8]) -> Msg<'_> {
+    match sub {
+        0 => Msg::SyncStep1,
+        1 => Msg::SyncStep2(payload),
+        2 => Msg::Update(payload),
+        _ => Msg::Other,
+    }
+}
+
+/// Calls `f` for each message of a y-websocket frame (servers send one per frame; several are
+/// tolerated). Returns false when the frame is malformed.
 pub fn for_each_message<'a>(frame: &'a [u8], mut f: impl FnMut(Msg<'a>)) -> bool {
     let mut pos = 0;
     while pos < frame.len() {
@@ -91,18 +220,13 @@ pub fn for_each_message<'a>(frame: &'a [u8], mut f: impl FnMut(Msg<'a>)) -> bool
                 let Some(payload) = read_bytes(frame, &mut pos) else {
                     return false;
                 };
-                f(match sub {
-                    0 => Msg::SyncStep1,
-                    1 => Msg::SyncStep2(payload),
-                    2 => Msg::Update(payload),
-                    _ => Msg::Other,
-                });
+                f(sync_msg(sub, payload));
             }
             1 => {
-                if read_bytes(frame, &mut pos).is_none() {
+                let Some(p) = read_bytes(frame, &mut pos) else {
                     return false;
-                }
-                f(Msg::Awareness);
+                };
+                f(Msg::Awareness(p));
             }
             2 => {
                 // auth: sub-type then a reason string
@@ -117,6 +241,25 @@ pub fn for_each_message<'a>(frame: &'a [u8], mut f: impl FnMut(Msg<'a>)) -> bool
                 return true;
             }
         }
+    }
+    true
+}
+
+/// Calls `f(client, clock)` for each entry of an awareness update; false when malformed.
+pub fn awareness_entries(update: &[u8], mut f: impl FnMut(u64, u64)) -> bool {
+    let mut pos = 0;
+    let Some(n) = read_var(update, &mut pos) else {
+        return false;
+    };
+    for _ in 0..n {
+        let (Some(client), Some(clock)) = (read_var(update, &mut pos), read_var(update, &mut pos))
+        else {
+            return false;
+        };
+        if read_bytes(update, &mut pos).is_none() {
+            return false;
+        }
+        f(client, clock);
     }
     true
 }
@@ -278,6 +421,40 @@ mod tests {
         let mut ranges = Vec::new();
         assert!(update_ranges(&hi[3..], |c, k, l| ranges.push((c, k, l))));
         assert_eq!(ranges, vec![(1, 0, 2)]);
+    }
+
+    #[test]
+    fn hocuspocus_framing() {
+        let fr = Framing::new(Protocol::Hocuspocus, "doc");
+        // Auth token "" as HocuspocusProvider.sendToken writes it: name, Auth, Token, "".
+        assert_eq!(fr.hello().unwrap(), [3, b'd', b'o', b'c', 2, 0, 0]);
+        assert_eq!(
+            fr.frame(&SYNC_STEP1_EMPTY),
+            [3, b'd', b'o', b'c', 0, 0, 1, 0]
+        );
+        let mut seen = Vec::new();
+        // SyncReply (4) carrying SyncStep1, as the server answers a client's SyncStep1.
+        assert!(fr.messages(&[3, b'd', b'o', b'c', 4, 0, 1, 0], |m| seen
+            .push(format!("{m:?}"))));
+        // Authenticated "read-write", then SyncStatus(true).
+        let mut auth = vec![3, b'd', b'o', b'c', 2, 2, 10];
+        auth.extend_from_slice(b"read-write");
+        assert!(fr.messages(&auth, |m| seen.push(format!("{m:?}"))));
+        assert!(fr.messages(&[3, b'd', b'o', b'c', 8, 1], |m| seen
+            .push(format!("{m:?}"))));
+        let aw = fr.frame(&awareness_message(5, 9, "{}"));
+        assert!(fr.messages(&aw, |m| {
+            if let Msg::Awareness(p) = m {
+                let mut e = Vec::new();
+                assert!(awareness_entries(p, |c, k| e.push((c, k))));
+                assert_eq!(e, vec![(5, 9)]);
+            }
+            seen.push(format!("{m:?}").chars().take(9).collect())
+        }));
+        assert_eq!(seen, ["SyncStep1", "Other", "Other", "Awareness"]);
+        let y = Framing::new(Protocol::Y, "doc");
+        assert!(y.hello().is_none());
+        assert_eq!(y.frame(&SYNC_STEP1_EMPTY), SYNC_STEP1_EMPTY);
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub struct ReportArgs {
     /// Extra lines for the header (versions, command, date).
     #[arg(long)]
     note: Vec<String>,
+    /// Server label the targets are stated against (collab ÷ this).
+    #[arg(long = "ref", default_value = "ref")]
+    reference: String,
+    /// Folder for SVG charts (none when not given).
+    #[arg(long)]
+    charts: Option<PathBuf>,
 }
 
 type Get = Box<dyn Fn(&Value) -> Option<f64>>;
@@ -58,6 +64,91 @@ fn metrics(scenario: &str, sample: &[&Value]) -> Vec<(String, Get)> {
                 "server RSS connected (KiB)".into(),
                 p(&["rss_kb", "connected"]),
             ),
+            (
+                "converged (fresh client: text and every writer's clock) (1 = yes)".into(),
+                Box::new(|v| {
+                    v["convergence"]["converged"]
+                        .as_bool()
+                        .map(|b| f64::from(u8::from(b)))
+                }),
+            ),
+        ],
+        "presence" => vec![
+            (
+                "server CPU (% of one core)".into(),
+                p(&["cpu_pct_one_core"]),
+            ),
+            (
+                "awareness updates delivered (%)".into(),
+                p(&["delivered_pct"]),
+            ),
+            ("delivered".into(), p(&["delivered"])),
+            ("expected".into(), p(&["expected"])),
+            ("latency p50 (ms)".into(), p(&["lat_ms", "p50"])),
+            ("latency p99 (ms)".into(), p(&["lat_ms", "p99"])),
+            (
+                "server CPU per delivery (µs)".into(),
+                p(&["cpu_us_per_delivery"]),
+            ),
+            (
+                "server RSS connected (KiB)".into(),
+                p(&["rss_kb", "connected"]),
+            ),
+        ],
+        "cold" => vec![
+            ("document encoded (bytes)".into(), p(&["doc_bytes"])),
+            (
+                "after restart: connect → SyncStep2 p50 (ms)".into(),
+                p(&["cold_ms", "p50"]),
+            ),
+            (
+                "after restart: whole document received p50 (ms)".into(),
+                p(&["complete_ms", "p50"]),
+            ),
+            (
+                "restarts answered with an incomplete SyncStep2".into(),
+                p(&["first_step2_incomplete"]),
+            ),
+            (
+                "restarts losing the document (in memory: all)".into(),
+                p(&["restarts_losing_the_document"]),
+            ),
+            ("second client p50 (ms)".into(), p(&["warm_ms", "p50"])),
+            (
+                "restart → listening p50 (ms)".into(),
+                p(&["restart_to_listen_ms", "p50"]),
+            ),
+            ("data folder (bytes)".into(), p(&["data_dir_bytes"])),
+            (
+                "RSS with the document loaded (KiB)".into(),
+                p(&["rss_kb_loaded"]),
+            ),
+        ],
+        "churn" => vec![
+            ("final document encoded (bytes)".into(), p(&["doc_bytes"])),
+            ("update bytes sent".into(), p(&["sent_bytes"])),
+            (
+                "bytes written (/proc/PID/io write_bytes)".into(),
+                p(&["io_write_bytes"]),
+            ),
+            (
+                "write amplification: written ÷ final document".into(),
+                p(&["write_amplification"]),
+            ),
+            (
+                "written ÷ update bytes sent".into(),
+                p(&["written_per_sent_byte"]),
+            ),
+            ("data folder (bytes)".into(), p(&["data_dir_bytes"])),
+            (
+                "data folder ÷ final document".into(),
+                p(&["dir_per_doc_byte"]),
+            ),
+            ("workload time (s)".into(), p(&["churn_s"])),
+            (
+                "converged (1 = yes)".into(),
+                Box::new(|v| v["converged"].as_bool().map(|b| f64::from(u8::from(b)))),
+            ),
         ],
         "rooms" => vec![
             ("RSS per connection (KiB)".into(), p(&["rss_kb_per_conn"])),
@@ -73,6 +164,29 @@ fn metrics(scenario: &str, sample: &[&Value]) -> Vec<(String, Get)> {
                 p(&["cpu_s_connecting"]),
             ),
             ("connected".into(), p(&["connected"])),
+            ("connect rate (connections/s)".into(), p(&["connect_rate"])),
+            (
+                "edits: latency p50 (ms)".into(),
+                p(&["edits", "lat_ms", "p50"]),
+            ),
+            (
+                "edits: latency p99 (ms)".into(),
+                p(&["edits", "lat_ms", "p99"]),
+            ),
+            (
+                "edits: delivered / expected (%)".into(),
+                Box::new(|v| {
+                    let (d, e) = (
+                        num(v, &["edits", "delivered"])?,
+                        num(v, &["edits", "expected"])?,
+                    );
+                    (e > 0.0).then(|| 100.0 * d / e)
+                }),
+            ),
+            (
+                "edits: server cores busy".into(),
+                p(&["edits", "server_cpu_util"]),
+            ),
         ],
         "join" => {
             let mut m: Vec<(String, Get)> = vec![
@@ -140,8 +254,25 @@ fn describe(v: &Value) -> String {
             v["docs"], v["per_doc"], v["awareness"]
         ),
         Some("join") => format!(
-            "{} single-character inserts (seed {}, jump {}, batches of {}), {} bytes encoded",
-            v["ops"], v["seed"], v["jump"], v["batch"], v["doc_bytes"]
+            "{} inserts of 1–{} characters (seed {}, jump {}, batches of {}), {} bytes encoded",
+            v["ops"],
+            v["word"].as_u64().unwrap_or(1),
+            v["seed"],
+            v["jump"],
+            v["batch"],
+            v["doc_bytes"]
+        ),
+        Some("presence") => format!(
+            "{} clients in one document, each renewing its awareness state every {} s; {} s measured after {} s warm-up",
+            v["clients"], v["interval_s"], v["window_s"], v["warmup_s"]
+        ),
+        Some("cold") => format!(
+            "a {}-operation document ({} bytes) stored, then {} server restarts on the same data folder; the first client after each restart makes the server load it",
+            v["ops"], v["doc_bytes"], v["restarts"]
+        ),
+        Some("churn") => format!(
+            "{} edits (60 % inserts of 1–8 characters, 40 % deletions of 1–16) at random positions, {} per update; bytes written by the server process over it",
+            v["ops"], v["per_update"]
         ),
         _ => String::new(),
     }
@@ -363,6 +494,339 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
         }
         writeln!(md)?;
     }
+    targets(&mut md, &recs, &a.base, &a.reference)?;
+    if let Some(dir) = &a.charts {
+        let written = charts(dir, &recs, &servers, &names)?;
+        if !written.is_empty() {
+            writeln!(md, "## Charts\n")?;
+            for f in written {
+                writeln!(md, "![{f}](charts/{f})\n")?;
+            }
+        }
+    }
     std::fs::write(&a.out, md).with_context(|| format!("write {}", a.out.display()))?;
     Ok(())
+}
+
+/// Median of one figure over the runs of one measurement against one server.
+fn figure(recs: &[Value], name: &str, server: &str, path: &[&str]) -> Option<f64> {
+    median(
+        recs.iter()
+            .filter(|r| r["name"].as_str() == Some(name) && r["server"].as_str() == Some(server))
+            .filter_map(|r| num(r, path))
+            .collect(),
+    )
+}
+
+/// First of `names` that has results.
+fn first_present<'a>(recs: &[Value], names: &[&'a str]) -> Option<&'a str> {
+    names
+        .iter()
+        .copied()
+        .find(|n| recs.iter().any(|r| r["name"].as_str() == Some(n)))
+}
+
+/// The issue's targets: collab ÷ reference ratios and absolute limits, met or missed.
+fn targets(md: &mut String, recs: &[Value], base: &str, reference: &str) -> anyhow::Result<()> {
+    writeln!(md, "## Targets\n")?;
+    writeln!(
+        md,
+        "| target | measurement | {base} | {reference} | value | limit | |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---|")?;
+    let ratio = |md: &mut String, what: &str, names: &[&str], path: &[&str], limit: f64| {
+        let Some(name) = first_present(recs, names) else {
+            return writeln!(md, "| {what} | – | | | | ≤ {limit}× | not run |");
+        };
+        let b = figure(recs, name, base, path);
+        let r = figure(recs, name, reference, path);
+        let v = match (b, r) {
+            (Some(b), Some(r)) if r > 0.0 => Some(b / r),
+            _ => None,
+        };
+        let verdict = match v {
+            Some(v) if v <= limit => "met",
+            Some(_) => "**missed**",
+            None => "no data",
+        };
+        writeln!(
+            md,
+            "| {what} | {name} | {} | {} | {} | ≤ {limit}× | {verdict} |",
+            b.map_or("–".into(), fmt),
+            r.map_or("–".into(), fmt),
+            v.map_or("–".into(), |v| format!("{v:.2}×"))
+        )
+    };
+    ratio(
+        md,
+        "fan-out, 200 readers: server CPU per delivered update",
+        &["fanout-200"],
+        &["cpu_us_per_delivery"],
+        0.1,
+    )?;
+    ratio(
+        md,
+        "fan-out, 200 readers: latency p99",
+        &["fanout-200"],
+        &["lat_ms", "p99"],
+        0.2,
+    )?;
+    let rooms = ["rooms-2500x4", "rooms"];
+    ratio(
+        md,
+        "rooms: RSS per connection",
+        &rooms,
+        &["rss_kb_per_conn"],
+        0.5,
+    )?;
+    ratio(
+        md,
+        "rooms: RSS per document",
+        &rooms,
+        &["rss_kb_per_doc"],
+        0.3,
+    )?;
+    ratio(
+        md,
+        "loaded document memory (RSS with the 260,000-op document)",
+        &["join"],
+        &["rss_kb", "loaded"],
+        0.2,
+    )?;
+    // Absolute limits on collab alone.
+    let join20 = first_present(recs, &["join-20mb", "join-4mb"]);
+    let p99 = join20.and_then(|n| {
+        median(
+            recs.iter()
+                .filter(|r| r["name"].as_str() == Some(n) && r["server"].as_str() == Some(base))
+                .filter_map(|r| {
+                    r["joins"]
+                        .as_array()?
+                        .iter()
+                        .find(|j| j["clients"].as_u64() == Some(150))
+                        .and_then(|j| num(j, &["sync_ms", "p99"]))
+                })
+                .collect(),
+        )
+    });
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "no data",
+    };
+    writeln!(
+        md,
+        "| join storm, 150 clients, 20 MB document: p99 | {} | {} | | {} | ≤ 2000 ms | {}{} |",
+        join20.unwrap_or("–"),
+        p99.map_or("–".into(), |v| format!("{} ms", fmt(v))),
+        p99.map_or("–".into(), |v| format!("{} ms", fmt(v))),
+        verdict(p99.map(|v| v <= 2000.0)),
+        if join20 == Some("join-4mb") {
+            " (4 MB only: 20 MB not run)"
+        } else {
+            ""
+        }
+    )?;
+    let pres = first_present(recs, &["presence-500", "presence-200", "presence"]);
+    let cpu = pres.and_then(|n| figure(recs, n, base, &["cpu_pct_one_core"]));
+    let share = pres.and_then(|n| figure(recs, n, base, &["delivered_pct"]));
+    writeln!(
+        md,
+        "| presence, 500 clients: server CPU, all delivered | {} | {} % CPU, {} % delivered | | | ≤ 10 %, 100 % | {}{} |",
+        pres.unwrap_or("–"),
+        cpu.map_or("–".into(), fmt),
+        share.map_or("–".into(), fmt),
+        verdict(cpu.zip(share).map(|(c, s)| c <= 10.0 && s >= 100.0)),
+        if pres.is_some_and(|p| p != "presence-500") { " (fewer than 500 clients)" } else { "" }
+    )?;
+    writeln!(md)?;
+    Ok(())
+}
+
+/// Grouped bar chart as hand-written SVG: one group per measurement, one bar per server.
+fn bar_chart(
+    title: &str,
+    unit: &str,
+    groups: &[String],
+    series: &[String],
+    vals: &[Vec<Option<f64>>],
+) -> String {
+    const COLORS: [&str; 6] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    ];
+    let (w, h, left, top, bottom) = (860.0, 360.0, 70.0, 50.0, 70.0);
+    let max = vals
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(0.0f64, |m, v| m.max(*v))
+        .max(1e-9);
+    let plot_w = w - left - 20.0;
+    let plot_h = h - top - bottom;
+    let gw = plot_w / groups.len().max(1) as f64;
+    let bw = (gw * 0.8) / series.len().max(1) as f64;
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">{} ({})</text>"#,
+        esc(title),
+        esc(unit)
+    );
+    for i in 0..=4 {
+        let v = max * f64::from(i) / 4.0;
+        let y = top + plot_h - plot_h * f64::from(i) / 4.0;
+        svg += &format!(
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            w - 20.0,
+            left - 4.0,
+            y + 4.0,
+            fmt(v)
+        );
+    }
+    for (g, name) in groups.iter().enumerate() {
+        let gx = left + gw * g as f64 + gw * 0.1;
+        for (s, _) in series.iter().enumerate() {
+            let Some(v) = vals[g][s] else { continue };
+            let bh = plot_h * v / max;
+            let x = gx + bw * s as f64;
+            svg += &format!(
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {}</title></rect>"#,
+                top + plot_h - bh,
+                bw * 0.95,
+                COLORS[s % COLORS.len()],
+                esc(&series[s]),
+                fmt(v)
+            );
+        }
+        svg += &format!(
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            gx + gw * 0.4,
+            top + plot_h + 16.0,
+            esc(name)
+        );
+    }
+    for (s, name) in series.iter().enumerate() {
+        let x = left + 130.0 * s as f64;
+        let y = h - 18.0;
+        svg += &format!(
+            r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{y}">{}</text>"#,
+            y - 9.0,
+            COLORS[s % COLORS.len()],
+            x + 14.0,
+            esc(name)
+        );
+    }
+    svg += "</svg>\n";
+    svg
+}
+
+/// Writes the charts that have data; returns their file names.
+fn charts(
+    dir: &std::path::Path,
+    recs: &[Value],
+    servers: &[String],
+    names: &[String],
+) -> anyhow::Result<Vec<String>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let of = |scenario: &str| -> Vec<String> {
+        names
+            .iter()
+            .filter(|n| {
+                recs.iter().any(|r| {
+                    r["name"].as_str() == Some(n.as_str())
+                        && r["scenario"].as_str() == Some(scenario)
+                })
+            })
+            .cloned()
+            .collect()
+    };
+    let join150 = |v: &Value| {
+        v["joins"]
+            .as_array()?
+            .iter()
+            .find(|j| j["clients"].as_u64() == Some(150))
+            .and_then(|j| num(j, &["sync_ms", "p99"]))
+    };
+    type Pick = Box<dyn Fn(&Value) -> Option<f64>>;
+    let p = |path: &'static [&'static str]| -> Pick { Box::new(move |v| num(v, path)) };
+    let specs: Vec<(&str, &str, &str, &str, Pick)> = vec![
+        (
+            "fanout_p50.svg",
+            "fanout",
+            "Fan-out latency p50",
+            "ms",
+            p(&["lat_ms", "p50"]),
+        ),
+        (
+            "fanout_p99.svg",
+            "fanout",
+            "Fan-out latency p99",
+            "ms",
+            p(&["lat_ms", "p99"]),
+        ),
+        (
+            "fanout_cpu.svg",
+            "fanout",
+            "Server CPU per delivered update",
+            "µs",
+            p(&["cpu_us_per_delivery"]),
+        ),
+        (
+            "rooms_rss_conn.svg",
+            "rooms",
+            "RSS per connection",
+            "KiB",
+            p(&["rss_kb_per_conn"]),
+        ),
+        (
+            "rooms_rss_doc.svg",
+            "rooms",
+            "RSS per document",
+            "KiB",
+            p(&["rss_kb_per_doc"]),
+        ),
+        (
+            "join_p99.svg",
+            "join",
+            "150 clients joining: connect → SyncStep2 p99",
+            "ms",
+            Box::new(join150),
+        ),
+        (
+            "presence_cpu.svg",
+            "presence",
+            "Presence: server CPU",
+            "% of one core",
+            p(&["cpu_pct_one_core"]),
+        ),
+    ];
+    let mut written = Vec::new();
+    for (file, scenario, title, unit, pick) in specs {
+        let groups = of(scenario);
+        let vals: Vec<Vec<Option<f64>>> = groups
+            .iter()
+            .map(|g| {
+                servers
+                    .iter()
+                    .map(|s| {
+                        median(
+                            recs.iter()
+                                .filter(|r| {
+                                    r["name"].as_str() == Some(g.as_str())
+                                        && r["server"].as_str() == Some(s.as_str())
+                                })
+                                .filter_map(&pick)
+                                .collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        if vals.iter().flatten().all(Option::is_none) {
+            continue;
+        }
+        let svg = bar_chart(title, unit, &groups, servers, &vals);
+        std::fs::write(dir.join(file), svg).with_context(|| format!("write {file}"))?;
+        written.push(file.to_string());
+    }
+    Ok(written)
 }

@@ -36,15 +36,23 @@ pub struct ServerArgs {
     /// With --server-cmd: file that receives the server's stderr (default: inside {dir}).
     #[arg(long)]
     pub server_log: Option<PathBuf>,
+
+    /// Wire dialect of the server: y-websocket (`y`) or hocuspocus.
+    #[arg(long, value_enum, default_value = "y")]
+    pub protocol: crate::proto::Protocol,
 }
 
 pub struct Server {
     pub pid: u32,
     pub base_url: String,
+    pub protocol: crate::proto::Protocol,
     child: Option<Child>,
-    _dir: Option<tempfile::TempDir>,
+    dir: Option<tempfile::TempDir>,
     log_path: Option<PathBuf>,
     clk_tck: f64,
+    /// The command with `{port}` and `{dir}` filled in, kept for `restart`.
+    cmd: Option<String>,
+    port: u16,
 }
 
 #[derive(Serialize, Default, Debug, Clone)]
@@ -95,39 +103,19 @@ impl Server {
                 .server_log
                 .clone()
                 .unwrap_or_else(|| dir.path().join("server.stderr"));
-            let log = std::fs::File::create(&log_path)
+            std::fs::File::create(&log_path)
                 .with_context(|| format!("create {}", log_path.display()))?;
-            let mut child = Command::new("sh")
-                .arg("-c")
-                .arg(format!("exec {cmd}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("start `{cmd}`"))?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Some(st) = child.try_wait()? {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    bail!("server `{cmd}` exited with {st} before listening:\n{log}");
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    bail!("server `{cmd}` did not listen on {addr} within 30 s");
-                }
-                std::thread::sleep(Duration::from_millis(25));
-            }
+            let child = spawn_listening(&cmd, &log_path, port)?;
             Ok(Server {
                 pid: child.id(),
-                base_url: format!("ws://{addr}"),
+                base_url: format!("ws://127.0.0.1:{port}"),
+                protocol: args.protocol,
                 child: Some(child),
-                _dir: Some(dir),
+                dir: Some(dir),
                 log_path: Some(log_path),
                 clk_tck,
+                cmd: Some(cmd),
+                port,
             })
         } else {
             let (Some(pid), Some(url)) = (args.server_pid, &args.url) else {
@@ -136,16 +124,75 @@ impl Server {
             Ok(Server {
                 pid,
                 base_url: url.trim_end_matches('/').to_string(),
+                protocol: args.protocol,
                 child: None,
-                _dir: None,
+                dir: None,
                 log_path: None,
                 clk_tck,
+                cmd: None,
+                port: 0,
             })
         }
     }
 
+    /// URL of a document's connection. Hocuspocus routes by the name inside each message and
+    /// ignores the path; the path names the document anyway, as HocuspocusProvider does not.
     pub fn url(&self, doc: &str) -> String {
         format!("{}/{}", self.base_url, doc)
+    }
+
+    pub fn framing(&self, doc: &str) -> crate::proto::Framing {
+        crate::proto::Framing::new(self.protocol, doc)
+    }
+
+    /// Bytes the server process caused to be written to storage (write_bytes of /proc/PID/io,
+    /// counted when pages are dirtied, all threads included).
+    pub fn io_write_bytes(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/io", self.pid)).ok()?;
+        s.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Total size of the files in `{dir}` (the server's data), when the generator made it.
+    pub fn dir_bytes(&self) -> Option<u64> {
+        fn walk(p: &std::path::Path) -> u64 {
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return 0;
+            };
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        let d = self.dir.as_ref()?.path();
+        // The stderr log may live there too; it is not the server's data.
+        let log = self
+            .log_path
+            .as_ref()
+            .filter(|l| l.starts_with(d))
+            .and_then(|l| std::fs::metadata(l).ok())
+            .map_or(0, |m| m.len());
+        Some(walk(d).saturating_sub(log))
+    }
+
+    /// SIGTERM, wait for the exit, then start the same command on the same port and data
+    /// folder and wait until it listens. Returns the seconds from spawn to listening.
+    pub fn restart(&mut self) -> anyhow::Result<f64> {
+        let (Some(cmd), Some(log)) = (self.cmd.clone(), self.log_path.clone()) else {
+            bail!("restart needs a server started with --server-cmd");
+        };
+        if let Some(child) = self.child.take() {
+            terminate(child);
+        }
+        let t = Instant::now();
+        let child = spawn_listening(&cmd, &log, self.port)?;
+        self.pid = child.id();
+        self.child = Some(child);
+        Ok(t.elapsed().as_secs_f64())
     }
 
     /// utime + stime of the whole process (all threads), in seconds.
@@ -178,27 +225,8 @@ impl Server {
             died_during_run: !self.alive(),
             ..Default::default()
         };
-        if let Some(mut child) = self.child.take() {
-            if !out.died_during_run {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &child.id().to_string()])
-                    .status();
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(st)) => break Some(st),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break None;
-                    }
-                }
-            };
-            out.exit = Some(match status {
+        if let Some(child) = self.child.take() {
+            out.exit = Some(match terminate(child) {
                 Some(st) => st.to_string(),
                 None => "did not stop within 10 s of SIGTERM (killed)".into(),
             });
@@ -207,6 +235,61 @@ impl Server {
             out.log = Some(summarize_log(p));
         }
         out
+    }
+}
+
+/// Starts `sh -c "exec CMD"` with stderr appended to `log` and waits until `port` accepts.
+fn spawn_listening(cmd: &str, log: &std::path::Path, port: u16) -> anyhow::Result<Child> {
+    let log_file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {cmd}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("start `{cmd}`"))?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("server `{cmd}` exited with {st} before listening:\n{text}");
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("server `{cmd}` did not listen on {addr} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM (unless already exited), up to 10 s for the exit, then SIGKILL.
+fn terminate(mut child: Child) -> Option<std::process::ExitStatus> {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
     }
 }
 
