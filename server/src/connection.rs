@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::doc_actor::{DocActor, Incoming, Join, JoinError, Kick, Leave};
+use crate::doc_actor::{DocActor, Incoming, Join, JoinError, Kick, Leave, Outgoing};
 use crate::registry::Registry;
 
 /// Why the server closes a connection: the code and text of the close frame it sends.
@@ -111,7 +111,7 @@ async fn join(
     registry: &Registry,
     name: &str,
     conn: Uuid,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
     kick: Arc<Kick>,
 ) -> Result<Addr<DocActor>, CloseReason> {
     for _ in 0..5 {
@@ -151,7 +151,7 @@ async fn close(mut ws: Ws, why: Option<CloseReason>) {
 enum Event {
     Shutdown,
     Kicked(CloseReason),
-    Out(Option<Bytes>),
+    Out(Option<Outgoing>),
     In(Option<Result<Message, WsError>>),
     Heartbeat,
 }
@@ -164,12 +164,12 @@ enum Step {
 
 /// Writes `first` and everything already queued behind it with one flush: under load a reader
 /// costs one syscall per batch, not one per message.
-async fn write_queued(ws: &mut Ws, rx: &mut mpsc::Receiver<Bytes>, first: Bytes) -> Step {
-    let mut result = feed_binary(ws, first).await;
+async fn write_queued(ws: &mut Ws, rx: &mut mpsc::Receiver<Outgoing>, first: Outgoing) -> Step {
+    let mut result = feed_binary(ws, (*first).clone()).await;
     let mut n = 1;
     while result.is_ok() && n < WRITE_BATCH {
         let Ok(more) = rx.try_recv() else { break };
-        result = feed_binary(ws, more).await;
+        result = feed_binary(ws, (*more).clone()).await;
         n += 1;
     }
     if result.is_err() || ws.flush().await.is_err() {
@@ -245,7 +245,7 @@ pub async fn run(
     let span = tracing::info_span!("conn", doc = %name, conn = %conn);
     async move {
         let config = registry.config().clone();
-        let (tx, mut rx) = mpsc::channel::<Bytes>(config.outbound_queue.max(1));
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(config.outbound_queue.max(1));
         let kick = Arc::new(Kick::default());
         debug!("connected");
         let addr = match Box::pin(join(&registry, &name, conn, tx, kick.clone())).await {

@@ -21,6 +21,11 @@ use uuid::Uuid;
 use crate::connection::{CloseCode, CloseReason};
 use crate::registry::Registry;
 
+/// One outgoing message, shared by every recipient. An `Arc` rather than `Bytes` itself: a
+/// queue slot is then 8 bytes instead of 32, and tokio allocates every queue's first 32 slots
+/// up front, so this saves about 0.75 KiB per idle connection.
+pub type Outgoing = Arc<Bytes>;
+
 /// Lets the document close a connection whose outbound queue it can no longer use.
 #[derive(Default)]
 pub struct Kick {
@@ -87,7 +92,7 @@ pub enum JoinError {
 #[rtype(result = "Result<(), JoinError>")]
 pub struct Join {
     pub conn: Uuid,
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: mpsc::Sender<Outgoing>,
     pub kick: Arc<Kick>,
 }
 
@@ -105,7 +110,7 @@ pub struct Leave {
 }
 
 struct Conn {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
     kick: Arc<Kick>,
     /// Awareness client ids this connection announced; removed when it closes.
     awareness: HashSet<ClientID>,
@@ -203,6 +208,10 @@ impl DocActor {
     /// Queues `bytes` for one connection; a full queue disconnects it rather than buffering
     /// without bound or silently skipping a message.
     fn send_to(&mut self, conn: Uuid, bytes: Bytes, ctx: &mut Context<Self>) {
+        self.send_shared(conn, Arc::new(bytes), ctx);
+    }
+
+    fn send_shared(&mut self, conn: Uuid, bytes: Outgoing, ctx: &mut Context<Self>) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -219,9 +228,10 @@ impl DocActor {
     }
 
     fn broadcast(&mut self, bytes: Bytes, ctx: &mut Context<Self>) {
+        let bytes = Arc::new(bytes);
         let ids: Vec<Uuid> = self.conns.keys().copied().collect();
         for id in ids {
-            self.send_to(id, bytes.clone(), ctx);
+            self.send_shared(id, bytes.clone(), ctx);
         }
     }
 
@@ -465,8 +475,10 @@ impl DocActor {
         match msg {
             ClientMessage::SyncStep1(sv) => {
                 let bytes = if sv == StateVector::default() {
+                    // Copied to its exact size: the encoder's spare capacity (about 1 KiB for a
+                    // small document) would otherwise stay allocated for as long as the cache.
                     self.full_state
-                        .get_or_insert_with(|| Bytes::from(doc.sync_step2_message(&sv)))
+                        .get_or_insert_with(|| Bytes::copy_from_slice(&doc.sync_step2_message(&sv)))
                         .clone()
                 } else {
                     Bytes::from(doc.sync_step2_message(&sv))
