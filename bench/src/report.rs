@@ -586,6 +586,44 @@ fn targets(md: &mut String, recs: &[Value], base: &str, reference: &str) -> anyh
         &["rss_kb_per_doc"],
         0.3,
     )?;
+    // The rows above divide one RSS delta by connections and by documents, so both carry the
+    // other's cost. Two runs with the same 2,000 connections, as 2,000 x 1 and as 500 x 4,
+    // separate them: RSS = docs * d + conns * c.
+    let fit = |server: &str| -> Option<(f64, f64)> {
+        let one = figure(recs, "rooms-2000x1", server, &["rss_delta_kb"])?;
+        let four = figure(recs, "rooms", server, &["rss_delta_kb"])?;
+        let d = (one - four) / 1500.0;
+        Some((d, (four - 500.0 * d) / 2000.0))
+    };
+    for (i, (what, limit)) in [
+        ("rooms: RSS per document, separated (2000x1 vs 500x4)", 0.3),
+        (
+            "rooms: RSS per connection, separated (2000x1 vs 500x4)",
+            0.5,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let pick = |f: (f64, f64)| if i == 0 { f.0 } else { f.1 };
+        let (b, r) = (fit(base).map(pick), fit(reference).map(pick));
+        let v = match (b, r) {
+            (Some(b), Some(r)) if r > 0.0 => Some(b / r),
+            _ => None,
+        };
+        let verdict = match v {
+            Some(v) if v <= limit => "met",
+            Some(_) => "**missed**",
+            None => "no data",
+        };
+        writeln!(
+            md,
+            "| {what} | rooms, rooms-2000x1 | {} | {} | {} | ≤ {limit}× | {verdict} |",
+            b.map_or("–".into(), fmt),
+            r.map_or("–".into(), fmt),
+            v.map_or("–".into(), |v| format!("{v:.2}×"))
+        )?;
+    }
     ratio(
         md,
         "loaded document memory (RSS with the 260,000-op document)",
