@@ -526,6 +526,33 @@ fn first_present<'a>(recs: &[Value], names: &[&'a str]) -> Option<&'a str> {
         .find(|n| recs.iter().any(|r| r["name"].as_str() == Some(n)))
 }
 
+/// One targets-table row: both figures, their ratio, and whether it is within `limit`.
+fn ratio_row(
+    md: &mut String,
+    what: &str,
+    measured_by: &str,
+    b: Option<f64>,
+    r: Option<f64>,
+    limit: f64,
+) -> std::fmt::Result {
+    let v = match (b, r) {
+        (Some(b), Some(r)) if r > 0.0 => Some(b / r),
+        _ => None,
+    };
+    let verdict = match v {
+        Some(v) if v <= limit => "met",
+        Some(_) => "**missed**",
+        None => "no data",
+    };
+    writeln!(
+        md,
+        "| {what} | {measured_by} | {} | {} | {} | ≤ {limit}× | {verdict} |",
+        b.map_or("–".into(), fmt),
+        r.map_or("–".into(), fmt),
+        v.map_or("–".into(), |v| format!("{v:.2}×"))
+    )
+}
+
 /// The targets: collab ÷ reference ratios and absolute limits, met or missed.
 fn targets(md: &mut String, recs: &[Value], base: &str, reference: &str) -> anyhow::Result<()> {
     writeln!(md, "## Targets\n")?;
@@ -540,22 +567,7 @@ fn targets(md: &mut String, recs: &[Value], base: &str, reference: &str) -> anyh
         };
         let b = figure(recs, name, base, path);
         let r = figure(recs, name, reference, path);
-        let v = match (b, r) {
-            (Some(b), Some(r)) if r > 0.0 => Some(b / r),
-            _ => None,
-        };
-        let verdict = match v {
-            Some(v) if v <= limit => "met",
-            Some(_) => "**missed**",
-            None => "no data",
-        };
-        writeln!(
-            md,
-            "| {what} | {name} | {} | {} | {} | ≤ {limit}× | {verdict} |",
-            b.map_or("–".into(), fmt),
-            r.map_or("–".into(), fmt),
-            v.map_or("–".into(), |v| format!("{v:.2}×"))
-        )
+        ratio_row(md, what, name, b, r, limit)
     };
     ratio(
         md,
@@ -607,22 +619,7 @@ fn targets(md: &mut String, recs: &[Value], base: &str, reference: &str) -> anyh
     {
         let pick = |f: (f64, f64)| if i == 0 { f.0 } else { f.1 };
         let (b, r) = (fit(base).map(pick), fit(reference).map(pick));
-        let v = match (b, r) {
-            (Some(b), Some(r)) if r > 0.0 => Some(b / r),
-            _ => None,
-        };
-        let verdict = match v {
-            Some(v) if v <= limit => "met",
-            Some(_) => "**missed**",
-            None => "no data",
-        };
-        writeln!(
-            md,
-            "| {what} | rooms, rooms-2000x1 | {} | {} | {} | ≤ {limit}× | {verdict} |",
-            b.map_or("–".into(), fmt),
-            r.map_or("–".into(), fmt),
-            v.map_or("–".into(), |v| format!("{v:.2}×"))
-        )?;
+        ratio_row(md, what, "rooms, rooms-2000x1", b, r, limit)?;
     }
     ratio(
         md,
