@@ -13,24 +13,15 @@ use tokio_tungstenite::tungstenite::Message;
 use yrs::{Doc, GetString, ReadTxn, Text, Transact};
 
 use crate::client::{self, SplitMix};
-use crate::join::{self, DocGen};
+use crate::join;
 use crate::proto::{self, Msg};
 use crate::server::Server;
 use crate::stats::{round, summary_ms};
 
 #[derive(Args, Debug, Clone)]
 pub struct ColdArgs {
-    /// Single-character insert operations in the stored document.
-    #[arg(long, default_value_t = 260_000)]
-    pub ops: usize,
-    #[arg(long, default_value_t = 2_000)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 0.025)]
-    pub jump: f64,
-    #[arg(long, default_value_t = 1)]
-    pub word: usize,
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub trace: join::TraceArgs,
     /// Restarts, each followed by one cold and one warm join.
     #[arg(long, default_value_t = 3)]
     pub restarts: usize,
@@ -48,8 +39,8 @@ pub async fn cold(
 ) -> anyhow::Result<(Value, Vec<(String, String)>)> {
     let url = server.url(&a.doc);
     let fr = server.framing(&a.doc);
-    let generator = DocGen::new(a.seed, a.jump).with_word(a.word);
-    let built = join::build(&url, &fr, generator, a.ops, a.batch).await?;
+    let generator = a.trace.generator();
+    let built = join::build(&url, &fr, generator, a.trace.ops, a.trace.batch).await?;
     let stored = client::fetch_document(&url, &fr).await?;
     let doc_bytes = stored.len();
     let doc_clocks = clocks(&stored);
@@ -110,8 +101,8 @@ pub async fn cold(
     let persisted = lost == 0;
     let j = json!({
         "scenario": "cold",
-        "ops": a.ops,
-        "word": a.word,
+        "ops": a.trace.ops,
+        "word": a.trace.word,
         "doc_bytes": doc_bytes,
         "build_s": round(built.build_s, 3),
         "restarts": a.restarts.max(1),
@@ -133,7 +124,7 @@ pub async fn cold(
             "document".into(),
             format!(
                 "{} ops, {doc_bytes} bytes encoded, {} bytes in the data folder",
-                a.ops,
+                a.trace.ops,
                 f(&j["data_dir_bytes"])
             ),
         ),

@@ -16,8 +16,9 @@ use crate::proto::{self, Msg};
 use crate::server::Server;
 use crate::stats::{round, summary_ms};
 
+/// The deterministic editing trace a stored document is built from (join and cold share it).
 #[derive(Args, Debug, Clone)]
-pub struct JoinArgs {
+pub struct TraceArgs {
     /// Single-character insert operations in the document.
     #[arg(long, default_value_t = 260_000)]
     pub ops: usize,
@@ -31,14 +32,26 @@ pub struct JoinArgs {
     /// Words reach multi-megabyte documents with a few million operations.
     #[arg(long, default_value_t = 1)]
     pub word: usize,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+impl TraceArgs {
+    pub fn generator(&self) -> DocGen {
+        DocGen::new(self.seed, self.jump).with_word(self.word)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JoinArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
     /// Numbers of clients that join at once (one measurement each).
     #[arg(long, value_delimiter = ',', default_value = "1,150")]
     pub clients: Vec<usize>,
     /// Repetitions of each measurement (fresh clients every time).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
     #[arg(long, default_value = "bench-join")]
     pub doc: String,
 }
@@ -286,14 +299,14 @@ pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(S
 
     // Build the document.
     let fr = server.framing(&a.doc);
-    let generator = DocGen::new(a.seed, a.jump).with_word(a.word);
+    let generator = a.trace.generator();
     let Built {
         mut sink,
         mut stream,
         build_s,
         local_s,
         sent_bytes,
-    } = build(&url, &fr, generator, a.ops, a.batch).await?;
+    } = build(&url, &fr, generator, a.trace.ops, a.trace.batch).await?;
     // Keep the writer connected (the document stays loaded) and drain its socket meanwhile.
     let mut drain = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -385,22 +398,22 @@ pub async fn run(a: &JoinArgs, server: &Server) -> anyhow::Result<(Value, Vec<(S
     };
     let j = json!({
         "scenario": "join",
-        "ops": a.ops,
-        "batch": a.batch,
-        "jump": a.jump,
-        "seed": a.seed,
+        "ops": a.trace.ops,
+        "batch": a.trace.batch,
+        "jump": a.trace.jump,
+        "seed": a.trace.seed,
         "doc_bytes": doc_bytes,
         "sent_bytes": sent_bytes,
         "build_s": round(build_s, 3),
         "build_local_s": round(local_s, 3),
-        "word": a.word,
+        "word": a.trace.word,
         "rss_kb": {"idle": rss_idle, "loaded": rss_loaded, "after_joins": rss_after},
         "rss_delta_kb": delta,
         "joins": joins,
         "trouble": trouble.json(),
     });
     let mut head: Vec<(String, String)> = vec![
-        ("document".into(), format!("{} ops, {} bytes sent in batches, {} bytes in a SyncStep2, built in {build_s:.2} s ({local_s:.2} s generating)", a.ops, sent_bytes, doc_bytes.unwrap_or(0))),
+        ("document".into(), format!("{} ops, {} bytes sent in batches, {} bytes in a SyncStep2, built in {build_s:.2} s ({local_s:.2} s generating)", a.trace.ops, sent_bytes, doc_bytes.unwrap_or(0))),
         ("server RSS KiB idle → loaded".into(), format!("{} → {} (+{} KiB)", rss_idle.unwrap_or(0), rss_loaded.unwrap_or(0), delta.unwrap_or(0))),
     ];
     head.extend(rows);
