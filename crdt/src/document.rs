@@ -130,6 +130,28 @@ impl Document {
         }
     }
 
+    /// Whether `update` would change the document: blocks past what it holds, or deletions of
+    /// items it does not already count as deleted. Used to tell a read-only client's harmless
+    /// sync answer (which always repeats its whole delete set) from a refused write, without
+    /// applying anything. Walks the document's delete set, so it is only for refused input.
+    pub fn carries_new(&self, update: &Update) -> bool {
+        let txn = self.doc().transact();
+        let ours = txn.state_vector();
+        let inserted = update.insertions(true);
+        if inserted
+            .iter()
+            .any(|(client, ranges)| ranges.iter().any(|r| r.end > ours.get(client)))
+        {
+            return true;
+        }
+        let deletes = update.delete_set();
+        if deletes.is_empty() {
+            return false;
+        }
+        let deleted = txn.snapshot().delete_set;
+        !deletes.diff(&deleted).is_empty()
+    }
+
     /// Applies a client's awareness update and says what changed; `None` when it was stale.
     pub fn apply_awareness(&mut self, update: AwarenessUpdate) -> Option<AwarenessChange> {
         // Only errors on JSON serialization of local state, which the server never sets.
@@ -209,6 +231,30 @@ mod tests {
     fn text_of(doc: &Document) -> String {
         let t = doc.doc().get_or_insert_text("t");
         t.get_string(&doc.doc().transact())
+    }
+
+    #[test]
+    fn carries_new_tells_a_repeated_sync_answer_from_a_write() {
+        let client = Doc::new();
+        let mut server = Document::new();
+        server.apply_update(edit(&client, 0, "abcdef")).unwrap();
+        {
+            let text = client.get_or_insert_text("t");
+            let mut txn = client.transact_mut();
+            text.remove_range(&mut txn, 1, 2);
+        }
+        let sync = |c: &Doc| {
+            let bytes = c
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default());
+            Update::decode_v1(&bytes).unwrap()
+        };
+        // The deletion is new to the server, then known.
+        assert!(server.carries_new(&sync(&client)));
+        server.apply_update(sync(&client)).unwrap();
+        assert!(!server.carries_new(&sync(&client)));
+        assert!(!server.carries_new(&Update::new()));
+        assert!(server.carries_new(&edit(&client, 0, "x")));
     }
 
     #[test]
