@@ -1,16 +1,55 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
-/// Command-line and environment configuration of the `collab` server.
+use crate::auth::{Perm, Secret};
+
+/// The `collab` command line: the server's options, and subcommands for operators.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "collab",
     version,
     about = "Yjs-compatible collaboration server: speaks the y-websocket protocol at \
-             ws://HOST:PORT/<document-name> and stores documents durably in sled."
+             ws://HOST:PORT/<document-name> and stores documents durably in sled.",
+    args_conflicts_with_subcommands = false
 )]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print a document token signed with the configured secret (--auth-secret or
+    /// --auth-secret-file, or their environment variables).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Document name (as in the URL path), or a prefix ending in `*` (`team-42/*`).
+    #[arg(long)]
+    pub doc: String,
+
+    /// `read-write` or `read-only`.
+    #[arg(long, default_value = "read-write")]
+    pub perm: Perm,
+
+    /// Lifetime, e.g. `90s`, `15m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// User id carried in the token (`sub`), shown in the server's logs.
+    #[arg(long)]
+    pub sub: Option<String>,
+}
+
+/// Command-line and environment configuration of the `collab` server.
+#[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "COLLAB_ADDR", default_value = "127.0.0.1:8080")]
@@ -74,9 +113,156 @@ pub struct Config {
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "COLLAB_WORKERS")]
     pub workers: Option<usize>,
+
+    /// Shared secret for document tokens (JWT, HS256). With a secret every WebSocket needs a
+    /// token; without one the server runs open. Prefer --auth-secret-file: a flag shows in the
+    /// process list.
+    #[arg(
+        long,
+        env = "COLLAB_AUTH_SECRET",
+        hide_env_values = true,
+        global = true,
+        conflicts_with = "auth_secret_file"
+    )]
+    pub auth_secret: Option<Secret>,
+
+    /// File holding the token secret (its contents, trimmed).
+    #[arg(long, env = "COLLAB_AUTH_SECRET_FILE", global = true)]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// Key for the admin endpoints (POST /api/tokens), sent as `Authorization: Bearer <key>`.
+    /// Without one those endpoints answer 404.
+    #[arg(
+        long,
+        env = "COLLAB_ADMIN_KEY",
+        hide_env_values = true,
+        conflicts_with = "admin_key_file"
+    )]
+    pub admin_key: Option<Secret>,
+
+    /// File holding the admin key (its contents, trimmed).
+    #[arg(long, env = "COLLAB_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<PathBuf>,
+
+    /// Run open (no token secret) on an address other than loopback. Without it the server
+    /// refuses to start there (exit code 2), so a forgotten secret never exposes every document.
+    #[arg(long, env = "COLLAB_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// With a secret: let clients without a token in, read-only (public documents). A token
+    /// that is presented but invalid is still refused (401).
+    #[arg(long, env = "COLLAB_ALLOW_ANONYMOUS_READ")]
+    pub allow_anonymous_read: bool,
+
+    /// Comma-separated origins allowed to open WebSockets: exact (`https://app.example.com`)
+    /// or subdomain patterns (`https://*.example.com`). An upgrade with another `Origin` gets
+    /// 403; requests without the header (non-browser clients) pass. Unset: every origin.
+    #[arg(long, env = "COLLAB_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// PEM certificate chain: serve HTTPS and wss:// on --addr (needs --tls-key).
+    #[arg(long, env = "COLLAB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "COLLAB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Settings that cannot work together, or a secret that cannot be read. The binary exits with
+/// code 2 on these, like clap does on a bad flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {flag} file {path}: {source}")]
+    SecretFile {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is empty")]
+    EmptySecret(&'static str),
+    #[error(
+        "no --auth-secret is set and {addr} is not a loopback address: anyone who reaches it \
+         could read and overwrite every document. Set --auth-secret-file (or --auth-secret), \
+         or pass --allow-anonymous to run open on purpose"
+    )]
+    OpenOnPublicAddress { addr: String },
+    #[error("--allow-anonymous-read needs --auth-secret (without a secret everyone may write)")]
+    AnonymousReadWithoutSecret,
+    #[error("cannot resolve --addr {addr}: {source}")]
+    Addr {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The secrets a server runs with, read once at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub auth: Option<Secret>,
+    pub admin: Option<Secret>,
+}
+
+fn read_secret(
+    value: &Option<Secret>,
+    file: &Option<PathBuf>,
+    flag: &'static str,
+) -> Result<Option<Secret>, ConfigError> {
+    let secret = match (value, file) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(path)) => {
+            Some(
+                Secret::from_file(path).map_err(|source| ConfigError::SecretFile {
+                    flag,
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+        (None, None) => None,
+    };
+    match secret {
+        Some(s) if s.is_empty() => Err(ConfigError::EmptySecret(flag)),
+        other => Ok(other),
+    }
 }
 
 impl Config {
+    /// Reads the secrets (files included) and checks the access settings fit together.
+    pub fn secrets(&self) -> Result<Secrets, ConfigError> {
+        let secrets = Secrets {
+            auth: read_secret(&self.auth_secret, &self.auth_secret_file, "--auth-secret")?,
+            admin: read_secret(&self.admin_key, &self.admin_key_file, "--admin-key")?,
+        };
+        if secrets.auth.is_none() {
+            if self.allow_anonymous_read {
+                return Err(ConfigError::AnonymousReadWithoutSecret);
+            }
+            if !self.allow_anonymous && !self.is_loopback()? {
+                return Err(ConfigError::OpenOnPublicAddress {
+                    addr: self.addr.clone(),
+                });
+            }
+        }
+        Ok(secrets)
+    }
+
+    /// Whether every address `--addr` resolves to is a loopback address.
+    pub fn is_loopback(&self) -> Result<bool, ConfigError> {
+        use std::net::ToSocketAddrs;
+        let addrs: Vec<_> = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|source| ConfigError::Addr {
+                addr: self.addr.clone(),
+                source,
+            })?
+            .collect();
+        Ok(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()))
+    }
+
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
     }

@@ -1,37 +1,31 @@
 //! The collab server: HTTP + WebSocket front, one actor per open document, sled persistence.
 
+pub mod auth;
 pub mod config;
-pub mod connection;
-pub mod doc_actor;
-pub mod flusher;
-pub mod registry;
+pub mod doc;
+pub mod http;
+pub mod tls;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix_codec::Framed;
-use actix_http::body::BodySize;
-use actix_http::{h1, ws, HttpService, Request, Response, StatusCode};
+use actix_http::HttpService;
 use actix_service::{fn_service, map_config, IntoServiceFactory};
 use actix_web::dev::AppConfig;
-use actix_web::http::header;
-use actix_web::web::Bytes;
-use actix_web::{web, App, HttpRequest, HttpResponse};
+use actix_web::{web, App};
 use collab_storage::{SledStore, Store, StoreError};
-use futures_util::SinkExt;
-use rust_embed::RustEmbed;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-pub use config::Config;
-use config::MAX_DOC_NAME_LEN;
-use flusher::Flusher;
-use registry::Registry;
+use auth::{Auth, Origins};
+pub use config::{Config, Secrets};
+use doc::flusher::Flusher;
+use doc::registry::Registry;
+use http::HttpState;
+use ws::upgrade::{upgrade, Upgrades};
 
 /// How long shutdown waits for connections to send their close frames.
 const SHUTDOWN_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -54,125 +48,21 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("final flush failed: {0}")]
     FinalFlush(#[source] StoreError),
-}
-
-#[derive(RustEmbed)]
-#[folder = "../web-demo/dist/"]
-struct DemoAssets;
-
-/// The document name of a WebSocket request: the raw path without its leading `/` (the query
-/// string is not part of the path), exactly as the reference server derives its room name.
-pub fn doc_name(path: &str) -> Option<&str> {
-    let name = path.strip_prefix('/').unwrap_or(path);
-    (!name.is_empty() && name.len() <= MAX_DOC_NAME_LEN).then_some(name)
-}
-
-fn serve_asset(path: &str) -> HttpResponse {
-    let file = match path.trim_start_matches('/') {
-        "" => "index.html",
-        other => other,
-    };
-    match DemoAssets::get(file) {
-        Some(asset) => HttpResponse::Ok()
-            .content_type(asset.metadata.mimetype())
-            .insert_header((header::CACHE_CONTROL, "no-cache"))
-            .body(asset.data.into_owned()),
-        None if path == "/healthz" => HttpResponse::Ok().body("ok"),
-        None => HttpResponse::NotFound().body("not found"),
-    }
-}
-
-async fn entry(req: HttpRequest) -> HttpResponse {
-    serve_asset(req.path())
-}
-
-/// What the upgrade service needs; cloned into every worker.
-#[derive(Clone)]
-struct Upgrades {
-    registry: Registry,
-    shutdown: watch::Receiver<bool>,
-    connections: TaskTracker,
-}
-
-fn plain_response(status: StatusCode, text: String) -> (Response<()>, Bytes) {
-    let mut res = Response::with_body(status, ());
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    (res, Bytes::from(text))
-}
-
-/// Every HTTP/1 upgrade request lands here with its socket. A WebSocket upgrade to a valid
-/// document name gets its 101 and a connection task that owns the socket from then on; the
-/// HTTP dispatcher, with its buffers, is gone once this returns.
-async fn upgrade(
-    up: Upgrades,
-    req: Request,
-    mut framed: Framed<TcpStream, h1::Codec>,
-) -> Result<(), actix_web::Error> {
-    let refusal = match ws::verify_handshake(req.head()) {
-        Err(e) => Some(plain_response(StatusCode::BAD_REQUEST, e.to_string())),
-        Ok(()) if doc_name(req.path()).is_none() => Some(plain_response(
-            StatusCode::BAD_REQUEST,
-            format!("the document name (the URL path) must be 1 to {MAX_DOC_NAME_LEN} bytes"),
-        )),
-        Ok(()) if up.connections.len() >= up.registry.config().max_connections => {
-            warn!(
-                limit = up.registry.config().max_connections,
-                "refusing a WebSocket: connection limit reached"
-            );
-            Some(plain_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is at its connection limit, retry later".into(),
-            ))
-        }
-        Ok(()) => None,
-    };
-    if let Some((res, body)) = refusal {
-        debug!(path = %req.path(), status = %res.status(), "upgrade refused");
-        let size = BodySize::Sized(body.len() as u64);
-        framed.send(h1::Message::Item((res, size))).await?;
-        framed.send(h1::Message::Chunk(Some(body))).await?;
-        framed.send(h1::Message::Chunk(None)).await?;
-        return Ok(());
-    }
-    let Some(name) = doc_name(req.path()).map(str::to_owned) else {
-        return Ok(());
-    };
-    let res = ws::handshake_response(req.head()).finish().drop_body();
-    framed
-        .send(h1::Message::Item((res, BodySize::None)))
-        .await?;
-    let parts = framed.into_parts();
-    let max = up.registry.config().max_message_size;
-    // A small read buffer: tungstenite zero-fills its whole capacity, so its 128 KiB default
-    // would be resident for every idle connection. Typical messages (an edit, a cursor) are far
-    // smaller; a big frame grows the buffer to its announced length and is read 1 KiB per
-    // syscall (about 1 ms per MB, paid only by the rare big message).
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(64 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    let socket = WebSocketStream::from_partially_read(
-        parts.io,
-        parts.read_buf.to_vec(),
-        Role::Server,
-        Some(ws_config),
-    )
-    .await;
-    let connection = connection::run(socket, name, up.registry.clone(), up.shutdown.clone());
-    actix_web::rt::spawn(up.connections.track_future(connection));
-    Ok(())
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then closes every socket with 1001, flushes storage
 /// and returns. `on_listening` receives the bound address once connections are accepted.
 pub async fn serve(
     config: Config,
+    secrets: Secrets,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     let store = SledStore::open(&config.data_dir).map_err(|source| ServerError::OpenStore {
         path: config.data_dir.clone(),
         source,
@@ -187,11 +77,24 @@ pub async fn serve(
     let registry = Registry::new(store.clone(), flusher, config.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let auth = Arc::new(Auth::new(
+        secrets.auth.as_ref(),
+        config.allow_anonymous_read,
+    ));
+    let origins = Arc::new(Origins::new(&config.allowed_origins));
+    report_access(&config, &secrets, &origins);
+    let http_state = web::Data::new(HttpState {
+        auth: auth.clone(),
+        admin_key: secrets.admin.clone(),
+    });
+
     let connections = TaskTracker::new();
     let upgrades = Upgrades {
         registry: registry.clone(),
         shutdown: shutdown_rx,
         connections: connections.clone(),
+        auth,
+        origins,
     };
     let mut builder = actix_server::Server::build()
         .disable_signals()
@@ -209,25 +112,37 @@ pub async fn serve(
         let addr = listener.local_addr()?;
         addrs.push(addr);
         let upgrades = upgrades.clone();
-        builder = builder.listen("collab", listener, move || {
-            let upgrades = upgrades.clone();
-            let app = App::new().default_service(web::to(entry)).into_factory();
-            HttpService::build()
+        let http_state = http_state.clone();
+        // One service description for both transports; only the last step differs, and the
+        // two results are different types, hence a macro rather than a function.
+        macro_rules! http_service {
+            () => {{
+                let upgrades = upgrades.clone();
+                let app = App::new()
+                    .configure(http::configure(http_state.clone()))
+                    .into_factory();
                 // Every message is small and latency-bound; with Nagle on, an echo waits for
                 // the next edit's ACK (measured: 20 writers x 20 edits/s, p99 41.7 ms with
                 // Nagle, 0.9 ms without).
-                .tcp_nodelay(true)
-                .upgrade(fn_service(move |(req, framed)| {
-                    upgrade(upgrades.clone(), req, framed)
-                }))
-                .finish(map_config(app, |_| AppConfig::default()))
-                .tcp()
-        })?;
+                HttpService::build()
+                    .tcp_nodelay(true)
+                    .upgrade(fn_service(move |(req, framed)| {
+                        upgrade(upgrades.clone(), req, framed)
+                    }))
+                    .finish(map_config(app, |_| AppConfig::default()))
+            }};
+        }
+        builder = match tls.clone() {
+            Some(tls) => builder.listen("collab", listener, move || {
+                http_service!().rustls_0_23(tls.clone())
+            })?,
+            None => builder.listen("collab", listener, move || http_service!().tcp())?,
+        };
     }
     let running = builder.run();
     let handle = running.handle();
     for addr in &addrs {
-        info!(%addr, data_dir = %config.data_dir.display(), "listening");
+        info!(%addr, tls = tls.is_some(), data_dir = %config.data_dir.display(), "listening");
     }
     if let Some(addr) = addrs.first() {
         on_listening(*addr);
@@ -327,16 +242,27 @@ async fn wait_for_signal() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::doc_name;
-
-    #[test]
-    fn document_names_follow_the_reference_server() {
-        assert_eq!(doc_name("/my-doc"), Some("my-doc"));
-        assert_eq!(doc_name("/a/b"), Some("a/b"));
-        assert_eq!(doc_name("/"), None);
-        assert_eq!(doc_name(&format!("/{}", "x".repeat(513))), None);
-        assert!(doc_name(&format!("/{}", "x".repeat(512))).is_some());
+/// States the access policy at start-up, loudly when it is open.
+fn report_access(config: &Config, secrets: &Secrets, origins: &Origins) {
+    match &secrets.auth {
+        None => warn!(
+            "no --auth-secret: running open, anyone who can reach {} may read and write every document",
+            config.addr
+        ),
+        Some(secret) => {
+            if secret.expose().len() < auth::RECOMMENDED_SECRET_LEN {
+                warn!(
+                    "the auth secret is shorter than {} bytes; use a longer random secret",
+                    auth::RECOMMENDED_SECRET_LEN
+                );
+            }
+            info!(
+                anonymous_read = config.allow_anonymous_read,
+                "document tokens required (JWT HS256)"
+            );
+        }
+    }
+    if !origins.is_restricted() {
+        info!("no --allowed-origins: WebSockets from every origin are accepted");
     }
 }

@@ -7,113 +7,29 @@
 //! be lost by a crash.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use collab_crdt::{ClientID, ClientMessage, Document, DocumentError, StateVector};
+use collab_crdt::{ClientID, ClientMessage, Document, DocumentError, StateVector, Update};
 use collab_storage::{Store, StoreError};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::connection::{CloseCode, CloseReason};
-use crate::registry::Registry;
-
-/// One outgoing message, shared by every recipient. An `Arc` rather than `Bytes` itself: a
-/// queue slot is then 8 bytes instead of 32, and tokio allocates every queue's first 32 slots
-/// up front, so this saves about 0.75 KiB per idle connection.
-pub type Outgoing = Arc<Bytes>;
-
-/// Lets the document close a connection whose outbound queue it can no longer use.
-#[derive(Default)]
-pub struct Kick {
-    reason: OnceLock<CloseReason>,
-    notify: Notify,
-}
-
-impl Kick {
-    pub fn kick(&self, code: CloseCode, description: &str) {
-        let _ = self.reason.set(CloseReason {
-            code,
-            description: Some(description.to_owned()),
-        });
-        self.notify.notify_one();
-    }
-
-    pub async fn kicked(&self) -> CloseReason {
-        self.notify.notified().await;
-        self.reason()
-    }
-
-    pub fn reason(&self) -> CloseReason {
-        self.reason.get().cloned().unwrap_or(CloseReason {
-            code: CloseCode::Error,
-            description: Some("document closed".into()),
-        })
-    }
-}
-
-/// Why a connection's input was refused; each maps to the close code the client receives.
-#[derive(Debug, thiserror::Error)]
-pub enum Violation {
-    #[error("update rejected: {0}")]
-    UpdateRejected(String),
-    #[error("connection announced more than {0} awareness clients")]
-    TooManyAwarenessClients(usize),
-    #[error("document unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl Violation {
-    pub fn close_reason(&self) -> CloseReason {
-        let code = match self {
-            Violation::UpdateRejected(_) => CloseCode::Protocol,
-            Violation::TooManyAwarenessClients(_) => CloseCode::Policy,
-            Violation::Unavailable(_) => CloseCode::Error,
-        };
-        CloseReason {
-            code,
-            description: Some(self.to_string()),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum JoinError {
-    #[error("document is closing")]
-    Closing,
-    #[error("document unavailable: {0}")]
-    Unavailable(String),
-}
-
-#[derive(Message)]
-#[rtype(result = "Result<(), JoinError>")]
-pub struct Join {
-    pub conn: Uuid,
-    pub tx: mpsc::Sender<Outgoing>,
-    pub kick: Arc<Kick>,
-}
-
-#[derive(Message)]
-#[rtype(result = "Result<(), Violation>")]
-pub struct Incoming {
-    pub conn: Uuid,
-    pub messages: Vec<ClientMessage>,
-}
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Leave {
-    pub conn: Uuid,
-}
+use super::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing, Violation};
+use super::registry::Registry;
+use crate::ws::close::CloseCode;
 
 struct Conn {
     tx: mpsc::Sender<Outgoing>,
     kick: Arc<Kick>,
     /// Awareness client ids this connection announced; removed when it closes.
     awareness: HashSet<ClientID>,
+    read_only: bool,
+    /// Document changes refused from this (read-only) connection.
+    refused: u64,
 }
 
 enum Pending {
@@ -280,6 +196,9 @@ impl DocActor {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        if c.refused > 0 {
+            info!(doc = %self.name, conn = %conn, refused = c.refused, "read-only connection left; its document changes were refused");
+        }
         if let Some(doc) = self.document.as_mut() {
             let ids: Vec<ClientID> = c.awareness.into_iter().collect();
             if doc.remove_awareness(&ids).is_some() {
@@ -345,7 +264,7 @@ impl DocActor {
         );
     }
 
-    fn flushed(&mut self, result: Result<(), crate::flusher::FlushError>, ctx: &mut Context<Self>) {
+    fn flushed(&mut self, result: Result<(), super::flusher::FlushError>, ctx: &mut Context<Self>) {
         let covered = self.flushing.take().unwrap_or(0);
         if let Err(e) = result {
             self.fail(format!("storage flush failed: {e}"), ctx);
@@ -463,6 +382,27 @@ impl DocActor {
         );
     }
 
+    /// A read-only connection sent a document change: it is dropped here, before anything is
+    /// applied, stored or broadcast. The connection stays open, since a closed one would only
+    /// reconnect and send the same change again. A sync answer that repeats what the document
+    /// already holds is not a refusal.
+    fn refuse_write(&mut self, conn: Uuid, update: &Update) {
+        let new = self
+            .document
+            .as_ref()
+            .is_some_and(|d| d.carries_new(update));
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !new {
+            return;
+        }
+        c.refused += 1;
+        if c.refused == 1 {
+            warn!(doc = %self.name, conn = %conn, "refused a document change from a read-only connection; later ones are counted");
+        }
+    }
+
     fn handle_message(
         &mut self,
         conn: Uuid,
@@ -484,6 +424,11 @@ impl DocActor {
                     Bytes::from(doc.sync_step2_message(&sv))
                 };
                 self.release_step2(conn, bytes, ctx);
+            }
+            ClientMessage::SyncStep2(update) | ClientMessage::Update(update)
+                if self.conns.get(&conn).is_some_and(|c| c.read_only) =>
+            {
+                self.refuse_write(conn, &update);
             }
             ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
                 match doc.apply_update(update) {
@@ -610,6 +555,8 @@ impl Handler<Join> for DocActor {
                 tx: msg.tx,
                 kick: msg.kick,
                 awareness: HashSet::new(),
+                read_only: msg.read_only,
+                refused: 0,
             },
         );
         self.send_to(msg.conn, step1, ctx);

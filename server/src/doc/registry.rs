@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use collab_storage::Store;
 
+use super::actor::DocActor;
+use super::flusher::Flusher;
 use crate::config::Config;
-use crate::doc_actor::DocActor;
-use crate::flusher::Flusher;
 
 #[derive(Clone)]
 pub struct Registry {

@@ -2,33 +2,29 @@
 //! document, writes the document's output, keeps the heartbeat.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix::Addr;
 use actix_web::web::Bytes;
-use collab_crdt::{decode_frame, ProtocolError};
+use collab_crdt::decode_frame;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 use uuid::Uuid;
 
-pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-use crate::doc_actor::{DocActor, Incoming, Join, JoinError, Kick, Leave, Outgoing};
-use crate::registry::Registry;
-
-/// Why the server closes a connection: the code and text of the close frame it sends.
-#[derive(Clone, Debug)]
-pub struct CloseReason {
-    pub code: CloseCode,
-    pub description: Option<String>,
-}
+use super::close::{
+    close_frame, protocol_close, reason, token_expired, ws_error_close, CloseCode, CloseReason,
+};
+use crate::auth::Access;
+use crate::doc::actor::DocActor;
+use crate::doc::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing};
+use crate::doc::registry::Registry;
 
 /// Outgoing messages larger than this go out as continuation frames of this size, so the socket
 /// buffer a connection keeps after sending a big document stays this small (and 150 joiners of
@@ -41,53 +37,15 @@ const WRITE_BATCH: usize = 64;
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn reason(code: CloseCode, description: impl Into<String>) -> CloseReason {
-    CloseReason {
-        code,
-        description: Some(description.into()),
-    }
-}
+/// What a WebSocket runs over: a plain TCP stream, or TLS over one.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Io for T {}
 
-fn protocol_close(e: &ProtocolError) -> CloseReason {
-    let code = if e.is_unsupported() {
-        CloseCode::Unsupported
-    } else {
-        CloseCode::Protocol
-    };
-    reason(code, e.to_string())
-}
-
-fn ws_error_close(e: &WsError) -> CloseReason {
-    match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            reason(CloseCode::Size, "message exceeds the size limit")
-        }
-        WsError::Utf8(_) => reason(CloseCode::Invalid, "text frame is not UTF-8"),
-        other => reason(CloseCode::Protocol, other.to_string()),
-    }
-}
-
-/// A close frame's reason must fit in a control frame (123 bytes).
-fn close_frame(why: CloseReason) -> CloseFrame {
-    let mut text = why.description.unwrap_or_default();
-    if text.len() > 123 {
-        let mut cut = 123;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    CloseFrame {
-        code: why.code,
-        reason: text.into(),
-    }
-}
-
-type Ws = WebSocketStream<TcpStream>;
+type Ws<S> = WebSocketStream<S>;
 
 /// Queues one binary message, fragmenting big ones. `feed` waits while tungstenite's buffer is
 /// over its write threshold, so a slow socket bounds what this connection holds.
-async fn feed_binary(ws: &mut Ws, bytes: Bytes) -> Result<(), WsError> {
+async fn feed_binary<S: Io>(ws: &mut Ws<S>, bytes: Bytes) -> Result<(), WsError> {
     if bytes.len() <= FRAGMENT {
         return ws.feed(Message::Binary(bytes)).await;
     }
@@ -113,6 +71,7 @@ async fn join(
     conn: Uuid,
     tx: mpsc::Sender<Outgoing>,
     kick: Arc<Kick>,
+    read_only: bool,
 ) -> Result<Addr<DocActor>, CloseReason> {
     for _ in 0..5 {
         let addr = registry.get_or_start(name);
@@ -120,6 +79,7 @@ async fn join(
             conn,
             tx: tx.clone(),
             kick: kick.clone(),
+            read_only,
         };
         match addr.send(msg).await {
             Ok(Ok(())) => return Ok(addr),
@@ -136,8 +96,18 @@ async fn join(
     Err(reason(CloseCode::Again, "document is restarting, retry"))
 }
 
+/// Time left until the token expires (zero if it already has). Far future without a token.
+fn until_expiry(access: &Access) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match access.expires_at {
+        Some(at) => now + at.duration_since(SystemTime::now()).unwrap_or_default(),
+        // Never polled: the select branch is disabled without an expiry.
+        None => now + Duration::from_secs(365 * 24 * 3600),
+    }
+}
+
 /// Sends the close frame and waits (bounded) for the client's, so the client sees the code.
-async fn close(mut ws: Ws, why: Option<CloseReason>) {
+async fn close<S: Io>(mut ws: Ws<S>, why: Option<CloseReason>) {
     let frame = why.map(close_frame);
     if ws.send(Message::Close(frame)).await.is_err() {
         return;
@@ -154,6 +124,7 @@ enum Event {
     Out(Option<Outgoing>),
     In(Option<Result<Message, WsError>>),
     Heartbeat,
+    Expired,
 }
 
 enum Step {
@@ -164,7 +135,11 @@ enum Step {
 
 /// Writes `first` and everything already queued behind it with one flush: under load a reader
 /// costs one syscall per batch, not one per message.
-async fn write_queued(ws: &mut Ws, rx: &mut mpsc::Receiver<Outgoing>, first: Outgoing) -> Step {
+async fn write_queued<S: Io>(
+    ws: &mut Ws<S>,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    first: Outgoing,
+) -> Step {
     let mut result = feed_binary(ws, (*first).clone()).await;
     let mut n = 1;
     while result.is_ok() && n < WRITE_BATCH {
@@ -178,9 +153,9 @@ async fn write_queued(ws: &mut Ws, rx: &mut mpsc::Receiver<Outgoing>, first: Out
     Step::Continue
 }
 
-async fn handle_input(
+async fn handle_input<S: Io>(
     msg: Option<Result<Message, WsError>>,
-    ws: &mut Ws,
+    ws: &mut Ws<S>,
     addr: &Addr<DocActor>,
     conn: Uuid,
     kick: &Kick,
@@ -235,20 +210,32 @@ async fn handle_input(
     }
 }
 
-pub async fn run(
-    mut ws: Ws,
+/// Serves one WebSocket until either side closes it. `access` was decided at the upgrade.
+pub async fn run<S: Io>(
+    mut ws: Ws<S>,
     name: String,
+    access: Access,
+    peer: Option<std::net::SocketAddr>,
     registry: Registry,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let conn = Uuid::new_v4();
-    let span = tracing::info_span!("conn", doc = %name, conn = %conn);
+    let span = tracing::info_span!(
+        "conn",
+        doc = %name,
+        conn = %conn,
+        sub = %access.sub.as_deref().unwrap_or(""),
+        read_only = access.read_only
+    );
     async move {
         let config = registry.config().clone();
         let (tx, mut rx) = mpsc::channel::<Outgoing>(config.outbound_queue.max(1));
         let kick = Arc::new(Kick::default());
-        debug!("connected");
-        let addr = match Box::pin(join(&registry, &name, conn, tx, kick.clone())).await {
+        let opened = std::time::Instant::now();
+        let peer = peer.map_or_else(String::new, |p| p.to_string());
+        info!(%peer, "connection opened");
+        let joined = join(&registry, &name, conn, tx, kick.clone(), access.read_only);
+        let addr = match Box::pin(joined).await {
             Ok(addr) => addr,
             Err(why) => {
                 warn!(reason = ?why.description, "could not join document");
@@ -262,6 +249,9 @@ pub async fn run(
         // Created once: re-creating it each turn would re-register with the Notify every time.
         let kicked = kick.kicked();
         tokio::pin!(kicked);
+        // The token's expiry, on the monotonic clock; a connection without one never expires.
+        let expiry = tokio::time::sleep_until(until_expiry(&access));
+        tokio::pin!(expiry);
 
         let why: Option<CloseReason> = loop {
             if *shutdown.borrow() {
@@ -275,12 +265,17 @@ pub async fn run(
                 out = rx.recv() => Event::Out(out),
                 msg = ws.next() => Event::In(msg),
                 _ = heartbeat.tick() => Event::Heartbeat,
+                _ = &mut expiry, if access.expires_at.is_some() => Event::Expired,
             };
             let step = match event {
                 Event::Shutdown => {
                     Step::Close(Some(reason(CloseCode::Away, "server shutting down")))
                 }
                 Event::Kicked(why) => Step::Close(Some(why)),
+                Event::Expired => {
+                    info!("closing connection: token expired");
+                    Step::Close(Some(token_expired()))
+                }
                 Event::Out(None) => Step::Close(Some(kick.reason())),
                 Event::Out(Some(bytes)) => write_queued(&mut ws, &mut rx, bytes).await,
                 Event::In(msg) => {
@@ -304,7 +299,13 @@ pub async fn run(
             }
         };
         addr.do_send(Leave { conn });
-        debug!(close = ?why.as_ref().map(|c| c.code), "disconnected");
+        info!(
+            // None: the client closed, or the socket was lost.
+            close_code = ?why.as_ref().map(|c| u16::from(c.code)),
+            reason = why.as_ref().and_then(|c| c.description.as_deref()).unwrap_or(""),
+            duration_ms = opened.elapsed().as_millis() as u64,
+            "connection closed"
+        );
         Box::pin(close(ws, why)).await;
     }
     .instrument(span)

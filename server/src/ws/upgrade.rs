@@ -1,0 +1,188 @@
+//! The WebSocket upgrade: every check a request meets before it gets its socket, in order
+//! (handshake, origin, document name, token, connection limit), then the 101 and the session.
+//! A refused request gets a status and a one-line plain-text reason; no document is loaded.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix_codec::Framed;
+use actix_http::body::BodySize;
+use actix_http::{h1, ws, Request, Response, StatusCode};
+use actix_web::http::header;
+use actix_web::web::Bytes;
+use actix_web::HttpMessage;
+use futures_util::SinkExt;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::session::{self, Io};
+use crate::auth::{presented_token, Access, Auth, Origins};
+use crate::config::MAX_DOC_NAME_LEN;
+use crate::doc::registry::Registry;
+
+/// What the upgrade service needs; cloned into every worker.
+#[derive(Clone)]
+pub struct Upgrades {
+    pub registry: Registry,
+    pub shutdown: watch::Receiver<bool>,
+    pub connections: TaskTracker,
+    pub auth: Arc<Auth>,
+    pub origins: Arc<Origins>,
+}
+
+/// The document name of a WebSocket request: the raw path without its leading `/` (the query
+/// string is not part of the path), exactly as the reference server derives its room name.
+pub fn doc_name(path: &str) -> Option<&str> {
+    let name = path.strip_prefix('/').unwrap_or(path);
+    (!name.is_empty() && name.len() <= MAX_DOC_NAME_LEN).then_some(name)
+}
+
+struct Refusal {
+    status: StatusCode,
+    text: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, text: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            text: text.into(),
+        }
+    }
+}
+
+fn header_str(req: &Request, name: header::HeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Decides whether the request may have a WebSocket, and with what access.
+fn check(up: &Upgrades, req: &Request) -> Result<(String, Access), Refusal> {
+    ws::verify_handshake(req.head())
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // Before anything else is read: a page on another site must not learn anything, not even
+    // whether a token would have worked.
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    if !up.origins.allows(origin) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "this origin may not open WebSockets here",
+        ));
+    }
+    let name = doc_name(req.path()).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("the document name (the URL path) must be 1 to {MAX_DOC_NAME_LEN} bytes"),
+        )
+    })?;
+    let token = presented_token(
+        req.uri().query().unwrap_or(""),
+        header_str(req, header::AUTHORIZATION),
+    );
+    let access = up
+        .auth
+        .authorize(token.as_deref(), name, SystemTime::now())
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            Refusal::new(status, e.to_string())
+        })?;
+    let limit = up.registry.config().max_connections;
+    if up.connections.len() >= limit {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached, retry later",
+        ));
+    }
+    Ok((name.to_owned(), access))
+}
+
+async fn refuse<T: Io>(
+    framed: &mut Framed<T, h1::Codec>,
+    refusal: Refusal,
+) -> Result<(), actix_web::Error> {
+    let mut res = Response::with_body(refusal.status, ());
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let body = Bytes::from(refusal.text);
+    framed
+        .send(h1::Message::Item((res, BodySize::Sized(body.len() as u64))))
+        .await?;
+    framed.send(h1::Message::Chunk(Some(body))).await?;
+    framed.send(h1::Message::Chunk(None)).await?;
+    Ok(())
+}
+
+/// Every HTTP/1 upgrade request lands here with its socket. An accepted one gets its 101 and
+/// a session task that owns the socket from then on; the HTTP dispatcher, with its buffers,
+/// is gone once this returns.
+pub async fn upgrade<T: Io>(
+    up: Upgrades,
+    req: Request,
+    mut framed: Framed<T, h1::Codec>,
+) -> Result<(), actix_web::Error> {
+    let (name, access) = match check(&up, &req) {
+        Ok(ok) => ok,
+        Err(refusal) => {
+            let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            if refusal.status == StatusCode::SERVICE_UNAVAILABLE {
+                warn!(%peer, path = %req.path(), status = refusal.status.as_u16(), reason = %refusal.text, "upgrade refused");
+            } else {
+                info!(%peer, path = %req.path(), status = refusal.status.as_u16(), reason = %refusal.text, "upgrade refused");
+            }
+            return refuse(&mut framed, refusal).await;
+        }
+    };
+    let res = ws::handshake_response(req.head()).finish().drop_body();
+    framed
+        .send(h1::Message::Item((res, BodySize::None)))
+        .await?;
+    let parts = framed.into_parts();
+    let max = up.registry.config().max_message_size;
+    // A small read buffer: tungstenite zero-fills its whole capacity, so its 128 KiB default
+    // would be resident for every idle connection. Typical messages (an edit, a cursor) are far
+    // smaller; a big frame grows the buffer to its announced length and is read 1 KiB per
+    // syscall (about 1 ms per MB, paid only by the rare big message).
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(64 * 1024)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let socket = WebSocketStream::from_partially_read(
+        parts.io,
+        parts.read_buf.to_vec(),
+        Role::Server,
+        Some(ws_config),
+    )
+    .await;
+    let session = session::run(
+        socket,
+        name,
+        access,
+        req.peer_addr(),
+        up.registry.clone(),
+        up.shutdown.clone(),
+    );
+    actix_web::rt::spawn(up.connections.track_future(session));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::doc_name;
+
+    #[test]
+    fn document_names_follow_the_reference_server() {
+        assert_eq!(doc_name("/my-doc"), Some("my-doc"));
+        assert_eq!(doc_name("/a/b"), Some("a/b"));
+        assert_eq!(doc_name("/"), None);
+        assert_eq!(doc_name(&format!("/{}", "x".repeat(513))), None);
+        assert!(doc_name(&format!("/{}", "x".repeat(512))).is_some());
+    }
+}
