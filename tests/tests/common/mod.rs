@@ -12,7 +12,114 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+
+pub type ClientRequest = tokio_tungstenite::tungstenite::handshake::client::Request;
+
+/// An upgrade the server refused: its HTTP status and plain-text body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, self.body)
+    }
+}
+
+impl From<tokio_tungstenite::tungstenite::Error> for Refused {
+    fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
+        match e {
+            tokio_tungstenite::tungstenite::Error::Http(res) => Refused {
+                status: res.status().as_u16(),
+                body: res
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            },
+            other => Refused {
+                status: 0,
+                body: other.to_string(),
+            },
+        }
+    }
+}
+
+/// A WebSocket request for `url` with extra headers.
+pub fn request(url: &str, headers: &[(&str, &str)]) -> ClientRequest {
+    let mut req = url.into_client_request().expect("url");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    req
+}
+
+/// A WebSocket upgrade request sent by hand, so a refusal's body can be read in full:
+/// (status, body).
+pub fn raw_upgrade(addr: SocketAddr, path_and_query: &str) -> (u16, String) {
+    http(
+        addr,
+        "GET",
+        path_and_query,
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"",
+    )
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: (status, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        head.push_str("Connection: close\r\n");
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
 use yrs::encoding::read::Cursor;
 use yrs::sync::awareness::{Awareness, AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::sync::protocol::{Message, MessageReader, SyncMessage};
@@ -191,9 +298,26 @@ impl Client {
     }
 
     pub async fn connect_with(url: &str, doc: Doc) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        match Self::try_connect(url.into_client_request().expect("url"), doc).await {
+            Ok(c) => c,
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
+
+    /// Connects with a request of the caller's (headers such as Origin or Authorization);
+    /// a refused upgrade comes back as its status and body.
+    pub async fn try_connect(req: ClientRequest, doc: Doc) -> Result<Client, Refused> {
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(Self::over(ws, doc)),
+            Err(e) => Err(Refused::from(e)),
+        }
+    }
+
+    /// A client over an already-open WebSocket (TLS, or any other stream).
+    pub fn over<S>(ws: WebSocketStream<S>, doc: Doc) -> Client
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sink, mut stream) = ws.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
         tokio::spawn(async move {
