@@ -114,6 +114,63 @@ pub struct Config {
     #[arg(long, env = "COLLAB_WORKERS")]
     pub workers: Option<usize>,
 
+    /// Seconds a new TCP connection has to send its whole HTTP request (the WebSocket upgrade
+    /// included; with TLS, also the TLS handshake). Slower ones are closed (slowloris).
+    #[arg(long, env = "COLLAB_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+
+    /// WebSocket connections one client IP may hold; further upgrades get HTTP 429. 0 is no
+    /// limit (the default: a whole office behind one NAT address is normal).
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// WebSocket connections one document may have; further upgrades get HTTP 503.
+    #[arg(long, env = "COLLAB_MAX_CONNECTIONS_PER_DOC", default_value_t = 5000)]
+    pub max_connections_per_doc: usize,
+
+    /// Comma-separated CIDRs of reverse proxies whose `X-Forwarded-For` names the client IP
+    /// (for --max-connections-per-ip and logs). From any other peer the header is ignored.
+    #[arg(long, env = "COLLAB_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Messages per second one connection may send (a burst of --rate-limit-burst-secs
+    /// seconds' worth is allowed). Over it, the server stops reading from the socket.
+    #[arg(long, env = "COLLAB_RATE_LIMIT_MESSAGES", default_value_t = 200)]
+    pub rate_limit_messages: u64,
+
+    /// Bytes per second one connection may send, plus the bytes of the sync answers its
+    /// requests cause (so a small request stream cannot make the server send gigabytes).
+    #[arg(long, env = "COLLAB_RATE_LIMIT_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub rate_limit_bytes: u64,
+
+    /// Seconds of rate a connection may spend at once before it is slowed down.
+    #[arg(long, env = "COLLAB_RATE_LIMIT_BURST_SECS", default_value_t = 4)]
+    pub rate_limit_burst_secs: u64,
+
+    /// A connection that stays over its rate for this long is closed with 1008.
+    #[arg(long, env = "COLLAB_RATE_LIMIT_GRACE_SECS", default_value_t = 10)]
+    pub rate_limit_grace_secs: u64,
+
+    /// Largest encoded size of one document in bytes; an update that would take it past this
+    /// is refused (connection closed with 1009) and the document stays as it was.
+    #[arg(long, env = "COLLAB_MAX_DOCUMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_document_bytes: u64,
+
+    /// Documents kept in memory at once. When reached, idle documents (no connections) are
+    /// unloaded first, oldest first; if none is idle, joining another document gets 1013.
+    #[arg(long, env = "COLLAB_MAX_LOADED_DOCUMENTS", default_value_t = 10_000)]
+    pub max_loaded_documents: usize,
+
+    /// Largest awareness (presence) state of one client in bytes; larger closes with 1009.
+    #[arg(long, env = "COLLAB_MAX_AWARENESS_BYTES", default_value_t = 64 * 1024)]
+    pub max_awareness_bytes: usize,
+
+    /// Bytes all connections together may hold in partly received large messages (over
+    /// 64 KiB each). Beyond it, further large messages wait; one that waits over 10 s is
+    /// refused with 1013.
+    #[arg(long, env = "COLLAB_MAX_INCOMING_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_incoming_bytes: u64,
+
     /// Shared secret for document tokens (JWT, HS256). With a secret every WebSocket needs a
     /// token; without one the server runs open. Prefer --auth-secret-file: a flag shows in the
     /// process list.
@@ -269,6 +326,10 @@ impl Config {
 
     pub fn awareness_batch(&self) -> Duration {
         Duration::from_millis(self.awareness_batch_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs.max(1))
     }
 
     pub fn heartbeat(&self) -> Duration {

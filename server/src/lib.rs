@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod counters;
 pub mod doc;
 pub mod http;
 pub mod tls;
@@ -10,7 +11,7 @@ pub mod ws;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix_http::HttpService;
+use actix_http::{HttpService, TlsAcceptorConfig};
 use actix_service::{fn_service, map_config, IntoServiceFactory};
 use actix_web::dev::AppConfig;
 use actix_web::{web, App};
@@ -25,7 +26,12 @@ pub use config::{Config, Secrets};
 use doc::flusher::Flusher;
 use doc::registry::Registry;
 use http::HttpState;
+use ws::limits::{connection_cap, Slots};
+use ws::metered::IncomingBudget;
 use ws::upgrade::{upgrade, Upgrades};
+
+/// How long the last flush at shutdown may take before the process gives up on it.
+const FINAL_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long shutdown waits for connections to send their close frames.
 const SHUTDOWN_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -48,6 +54,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("final flush failed: {0}")]
     FinalFlush(#[source] StoreError),
+    #[error("final flush did not finish within {0:?}")]
+    FinalFlushTimeout(std::time::Duration),
+    #[error("storage failed and did not recover: {0}")]
+    StorageFailed(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -70,9 +80,11 @@ pub async fn serve(
     report_stored_documents(&store);
     let store: Arc<dyn Store> = Arc::new(store);
     let config = Arc::new(config);
+    let (fatal, _) = watch::channel(None::<String>);
     let flusher = Flusher::start(
         store.clone(),
         std::time::Duration::from_millis(config.debug_flush_delay_ms),
+        fatal.clone(),
     );
     let registry = Registry::new(store.clone(), flusher, config.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -95,6 +107,12 @@ pub async fn serve(
         connections: connections.clone(),
         auth,
         origins,
+        slots: Slots::new(
+            config.max_connections_per_ip,
+            config.max_connections_per_doc,
+        ),
+        budget: IncomingBudget::new(config.max_incoming_bytes),
+        max_connections: connection_cap(config.max_connections),
     };
     let mut builder = actix_server::Server::build()
         .disable_signals()
@@ -104,6 +122,7 @@ pub async fn serve(
     if let Some(workers) = config.workers {
         builder = builder.workers(workers);
     }
+    let handshake_timeout = config.handshake_timeout();
     let mut addrs = Vec::new();
     for listener in bind_listeners(&config.addr).map_err(|source| ServerError::Bind {
         addr: config.addr.clone(),
@@ -126,6 +145,9 @@ pub async fn serve(
                 // Nagle, 0.9 ms without).
                 HttpService::build()
                     .tcp_nodelay(true)
+                    // Slowloris: a connection that has not sent its whole request in time is
+                    // closed, so idle half-requests cannot hold descriptors.
+                    .client_request_timeout(handshake_timeout)
                     .upgrade(fn_service(move |(req, framed)| {
                         upgrade(upgrades.clone(), req, framed)
                     }))
@@ -134,7 +156,8 @@ pub async fn serve(
         }
         builder = match tls.clone() {
             Some(tls) => builder.listen("collab", listener, move || {
-                http_service!().rustls_0_23(tls.clone())
+                let acceptor = TlsAcceptorConfig::default().handshake_timeout(handshake_timeout);
+                http_service!().rustls_0_23_with_config(tls.clone(), acceptor)
             })?,
             None => builder.listen("collab", listener, move || http_service!().tcp())?,
         };
@@ -148,9 +171,13 @@ pub async fn serve(
         on_listening(*addr);
     }
 
+    let mut fatal_rx = fatal.subscribe();
     actix_web::rt::spawn(async move {
-        wait_for_signal().await;
-        info!("shutting down: closing connections");
+        tokio::select! {
+            _ = wait_for_signal() => info!("shutting down: closing connections"),
+            // A supervisor restarts the process; serving on would only fail every edit.
+            _ = fatal_rx.wait_for(Option::is_some) => error!("storage failed: shutting down"),
+        }
         let _ = shutdown_tx.send(true);
         // Connection tasks live on the workers: they must finish (close frame sent) before the
         // workers stop, or clients would see a reset instead of 1001.
@@ -167,11 +194,16 @@ pub async fn serve(
         handle.stop(true).await;
     });
     running.await?;
+    if let Some(why) = fatal.borrow().clone() {
+        return Err(ServerError::StorageFailed(why));
+    }
     // Every update is appended before it is broadcast; this flush covers compactions and any
-    // append whose flush the shutdown interrupted.
+    // append whose flush the shutdown interrupted. Bounded, so SIGTERM always ends the process.
     let s = store.clone();
-    tokio::task::spawn_blocking(move || s.flush())
+    let flush = tokio::task::spawn_blocking(move || s.flush());
+    tokio::time::timeout(FINAL_FLUSH_TIMEOUT, flush)
         .await
+        .map_err(|_| ServerError::FinalFlushTimeout(FINAL_FLUSH_TIMEOUT))?
         .map_err(std::io::Error::other)?
         .map_err(ServerError::FinalFlush)?;
     info!(

@@ -1,13 +1,27 @@
 //! Group commit: one storage flush (one fsync) covers every write that was made before it
 //! started, across all documents.
+//!
+//! A failed flush is retried a few times (a transient EMFILE or ENOSPC may clear). If it keeps
+//! failing the server is told to shut down: nothing unflushed was ever shown to a client, and a
+//! supervisor's restart reopens storage, whereas serving on would fail every edit silently.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use collab_storage::{Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, warn};
+
+use crate::counters::count;
 
 type Waiter = oneshot::Sender<Result<(), Arc<StoreError>>>;
+
+/// Waits before each retry of a failed flush.
+const RETRY_BACKOFF: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(400),
+    Duration::from_millis(1600),
+];
 
 #[derive(Clone)]
 pub struct Flusher {
@@ -22,10 +36,31 @@ pub enum FlushError {
     Stopped,
 }
 
+async fn flush_once(store: &Arc<dyn Store>, delay: Duration) -> Result<(), Arc<StoreError>> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || {
+        std::thread::sleep(delay);
+        store.flush()
+    })
+    .await
+    {
+        Ok(r) => r.map_err(Arc::new),
+        Err(join) => Err(Arc::new(StoreError::Corrupt {
+            doc: String::new(),
+            what: format!("flush task failed: {join}"),
+        })),
+    }
+}
+
 impl Flusher {
     /// Starts the flusher task on the current runtime. Each document actor has at most one
     /// request outstanding, so the unbounded queue is bounded by the number of open documents.
-    pub fn start(store: Arc<dyn Store>, delay: std::time::Duration) -> Flusher {
+    /// `fatal` receives the reason when storage cannot be flushed even after retries.
+    pub fn start(
+        store: Arc<dyn Store>,
+        delay: Duration,
+        fatal: watch::Sender<Option<String>>,
+    ) -> Flusher {
         let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
         actix_rt::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -34,21 +69,18 @@ impl Flusher {
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let store = store.clone();
-                let result = match tokio::task::spawn_blocking(move || {
-                    std::thread::sleep(delay);
-                    store.flush()
-                })
-                .await
-                {
-                    Ok(r) => r.map_err(Arc::new),
-                    Err(join) => Err(Arc::new(StoreError::Corrupt {
-                        doc: String::new(),
-                        what: format!("flush task failed: {join}"),
-                    })),
-                };
+                let mut result = flush_once(&store, delay).await;
+                for backoff in RETRY_BACKOFF {
+                    let Err(e) = &result else { break };
+                    count(|c| &c.storage_flush_failures);
+                    warn!(error = %e, retry_in = ?backoff, "storage flush failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    result = flush_once(&store, delay).await;
+                }
                 if let Err(e) = &result {
-                    error!(error = %e, "storage flush failed");
+                    count(|c| &c.storage_flush_failures);
+                    error!(error = %e, "storage flush keeps failing; the server will stop");
+                    fatal.send_replace(Some(e.to_string()));
                 }
                 for w in waiters {
                     let _ = w.send(result.clone());

@@ -53,6 +53,10 @@ pub enum Violation {
     TooManyAwarenessClients(usize),
     #[error("document unavailable: {0}")]
     Unavailable(String),
+    #[error("the update would take the document past --max-document-bytes ({0} bytes)")]
+    DocumentTooLarge(u64),
+    #[error("an awareness state is over --max-awareness-bytes ({0} bytes)")]
+    AwarenessTooLarge(usize),
 }
 
 impl Violation {
@@ -61,6 +65,7 @@ impl Violation {
             Violation::UpdateRejected(_) => CloseCode::Protocol,
             Violation::TooManyAwarenessClients(_) => CloseCode::Policy,
             Violation::Unavailable(_) => CloseCode::Error,
+            Violation::DocumentTooLarge(_) | Violation::AwarenessTooLarge(_) => CloseCode::Size,
         };
         CloseReason {
             code,
@@ -87,12 +92,22 @@ pub struct Join {
     pub read_only: bool,
 }
 
+/// Answered with the bytes of the sync answers queued for the sender, which count against its
+/// rate limit.
 #[derive(Message)]
-#[rtype(result = "Result<(), Violation>")]
+#[rtype(result = "Result<usize, Violation>")]
 pub struct Incoming {
     pub conn: Uuid,
     pub messages: Vec<ClientMessage>,
+    /// Size of the frame they came in, an upper bound on what they can add to the document.
+    pub bytes: usize,
 }
+
+/// Sent by the registry to an idle document when too many are loaded: unload now if still
+/// idle.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Evict;
 
 #[derive(Message)]
 #[rtype(result = "()")]

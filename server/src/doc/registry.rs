@@ -1,23 +1,51 @@
-//! Document name -> actor address. Touched when a connection opens and when a document unloads,
-//! never on the per-update path.
+//! Document name -> actor address. Touched when a connection opens, when a document becomes
+//! idle or busy, and when it unloads; never on the per-update path.
+//!
+//! It also bounds how many documents are loaded (`--max-loaded-documents`): opening one more
+//! evicts the longest-idle document, and when none is idle the open is refused.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use collab_storage::Store;
+use tracing::warn;
 
 use super::actor::DocActor;
 use super::flusher::Flusher;
+use super::messages::Evict;
 use crate::config::Config;
+use crate::counters::count;
 
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
 }
 
+/// Every loaded document is in use; the join should be retried later (close code 1013).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryFull(pub usize);
+
+#[derive(Default)]
+struct Docs {
+    actors: HashMap<Arc<str>, Addr<DocActor>>,
+    /// Idle documents (no connections) by when they became idle, oldest first; and the key of
+    /// each in that order.
+    idle: BTreeMap<u64, Arc<str>>,
+    idle_key: HashMap<Arc<str>, u64>,
+    idle_seq: u64,
+}
+
+impl Docs {
+    fn forget_idle(&mut self, name: &str) {
+        if let Some(key) = self.idle_key.remove(name) {
+            self.idle.remove(&key);
+        }
+    }
+}
+
 struct Inner {
-    docs: Mutex<HashMap<Arc<str>, Addr<DocActor>>>,
+    docs: Mutex<Docs>,
     store: Arc<dyn Store>,
     flusher: Flusher,
     config: Arc<Config>,
@@ -27,7 +55,7 @@ impl Registry {
     pub fn new(store: Arc<dyn Store>, flusher: Flusher, config: Arc<Config>) -> Self {
         Registry {
             inner: Arc::new(Inner {
-                docs: Mutex::new(HashMap::new()),
+                docs: Mutex::new(Docs::default()),
                 store,
                 flusher,
                 config,
@@ -38,29 +66,61 @@ impl Registry {
     /// The actor of `name`, started (and loading) if the document is not open. Holding the lock
     /// while starting guarantees one actor and one load per document, however many connections
     /// race to open it.
-    pub fn get_or_start(&self, name: &str) -> Addr<DocActor> {
+    pub fn get_or_start(&self, name: &str) -> Result<Addr<DocActor>, RegistryFull> {
         let mut docs = self.lock();
-        if let Some(addr) = docs.get(name) {
+        if let Some(addr) = docs.actors.get(name) {
             if addr.connected() {
-                return addr.clone();
+                return Ok(addr.clone());
+            }
+        }
+        let max = self.inner.config.max_loaded_documents.max(1);
+        if docs.actors.len() >= max {
+            // The oldest idle document goes; it leaves the map once it has stopped (after any
+            // flush or compaction in flight), so the count may pass the limit briefly.
+            let Some((_, oldest)) = docs.idle.pop_first() else {
+                warn!(
+                    loaded = docs.actors.len(),
+                    max, "every loaded document is in use; refusing to open another"
+                );
+                return Err(RegistryFull(max));
+            };
+            docs.idle_key.remove(&oldest);
+            if let Some(addr) = docs.actors.get(&oldest) {
+                count(|c| &c.documents_evicted);
+                addr.do_send(Evict);
             }
         }
         let name: Arc<str> = Arc::from(name);
         let addr = DocActor::new(name.clone(), self.clone()).start();
-        docs.insert(name, addr.clone());
-        addr
+        docs.actors.insert(name, addr.clone());
+        Ok(addr)
+    }
+
+    /// The document has no connections: it may be evicted, oldest first.
+    pub fn mark_idle(&self, name: &Arc<str>) {
+        let mut docs = self.lock();
+        docs.forget_idle(name);
+        docs.idle_seq += 1;
+        let key = docs.idle_seq;
+        docs.idle.insert(key, name.clone());
+        docs.idle_key.insert(name.clone(), key);
+    }
+
+    pub fn mark_busy(&self, name: &str) {
+        self.lock().forget_idle(name);
     }
 
     /// Forgets `name` if it still maps to `addr` (a newer actor may already own the name).
     pub fn remove(&self, name: &str, addr: &Addr<DocActor>) {
         let mut docs = self.lock();
-        if docs.get(name).is_some_and(|a| a == addr) {
-            docs.remove(name);
+        if docs.actors.get(name).is_some_and(|a| a == addr) {
+            docs.actors.remove(name);
+            docs.forget_idle(name);
         }
     }
 
     pub fn open_documents(&self) -> usize {
-        self.lock().len()
+        self.lock().actors.len()
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -75,9 +135,9 @@ impl Registry {
         &self.inner.config
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Addr<DocActor>>> {
-        // The map stays consistent even if a holder panicked: every operation is a single insert
-        // or remove.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Docs> {
+        // The maps stay consistent even if a holder panicked: every operation is a few inserts
+        // or removes with no early exit between them.
         self.inner.docs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

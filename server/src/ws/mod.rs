@@ -1,5 +1,10 @@
-//! WebSocket connections: the checks at the upgrade, the session that follows, close codes.
+//! WebSocket connections: the checks at the upgrade, the session that follows, the socket
+//! under it, and the limits on all three.
 
 pub mod close;
+pub mod io;
+pub mod limits;
+pub mod metered;
+pub mod rate;
 pub mod session;
 pub mod upgrade;

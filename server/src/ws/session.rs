@@ -1,67 +1,44 @@
-//! One WebSocket connection: decodes frames (off the document actor), forwards them to the
-//! document, writes the document's output, keeps the heartbeat.
+//! One WebSocket connection after the upgrade: decodes frames (off the document actor),
+//! forwards them to the document, writes the document's output, and keeps the heartbeat, the
+//! token's expiry and the connection's rate limit.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::Addr;
 use actix_web::web::Bytes;
 use collab_crdt::decode_frame;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::error::Error as WsError;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn, Instrument};
 use uuid::Uuid;
 
-use super::close::{
-    close_frame, protocol_close, reason, token_expired, ws_error_close, CloseCode, CloseReason,
-};
+use super::close::{protocol_close, reason, token_expired, ws_error_close, CloseCode, CloseReason};
+use super::io::{close, feed_binary, Ending, Io, Ws};
+use super::limits::SlotGuard;
+use super::metered::is_budget_exhausted;
+use super::rate::{RateLimit, Verdict};
 use crate::auth::Access;
+use crate::counters::count;
 use crate::doc::actor::DocActor;
 use crate::doc::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing};
-use crate::doc::registry::Registry;
-
-/// Outgoing messages larger than this go out as continuation frames of this size, so the socket
-/// buffer a connection keeps after sending a big document stays this small (and 150 joiners of
-/// a 20 MB document do not each hold a 20 MB copy while their sockets drain).
-const FRAGMENT: usize = 64 * 1024;
+use crate::doc::registry::{Registry, RegistryFull};
 
 /// Most messages written before one flush (one `send` syscall) when several are queued.
 const WRITE_BATCH: usize = 64;
 
-/// How long a closing connection waits for the client's close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A far-off instant for timers whose select branch is disabled.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// What a WebSocket runs over: a plain TCP stream, or TLS over one.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Io for T {}
-
-type Ws<S> = WebSocketStream<S>;
-
-/// Queues one binary message, fragmenting big ones. `feed` waits while tungstenite's buffer is
-/// over its write threshold, so a slow socket bounds what this connection holds.
-async fn feed_binary<S: Io>(ws: &mut Ws<S>, bytes: Bytes) -> Result<(), WsError> {
-    if bytes.len() <= FRAGMENT {
-        return ws.feed(Message::Binary(bytes)).await;
-    }
-    let mut offset = 0;
-    while offset < bytes.len() {
-        let end = (offset + FRAGMENT).min(bytes.len());
-        let opcode = if offset == 0 {
-            OpCode::Data(Data::Binary)
-        } else {
-            OpCode::Data(Data::Continue)
-        };
-        let frame = Frame::message(bytes.slice(offset..end), opcode, end == bytes.len());
-        ws.feed(Message::Frame(frame)).await?;
-        offset = end;
-    }
-    Ok(())
+/// What the upgrade decided about a connection.
+pub struct Admitted {
+    pub name: String,
+    pub access: Access,
+    pub peer: Option<std::net::SocketAddr>,
+    /// Its place in the per-IP and per-document counts, given back when the session ends.
+    pub slot: SlotGuard,
 }
 
 /// Joins the document, retrying when it raced with the document unloading.
@@ -74,7 +51,16 @@ async fn join(
     read_only: bool,
 ) -> Result<Addr<DocActor>, CloseReason> {
     for _ in 0..5 {
-        let addr = registry.get_or_start(name);
+        let addr = match registry.get_or_start(name) {
+            Ok(addr) => addr,
+            Err(RegistryFull(limit)) => {
+                count(|c| &c.loaded_documents_full);
+                return Err(reason(
+                    CloseCode::Again,
+                    format!("{limit} documents are open and in use, retry later"),
+                ));
+            }
+        };
         let msg = Join {
             conn,
             tx: tx.clone(),
@@ -96,26 +82,14 @@ async fn join(
     Err(reason(CloseCode::Again, "document is restarting, retry"))
 }
 
-/// Time left until the token expires (zero if it already has). Far future without a token.
+/// When the token expires, on the monotonic clock.
 fn until_expiry(access: &Access) -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
     match access.expires_at {
         Some(at) => now + at.duration_since(SystemTime::now()).unwrap_or_default(),
         // Never polled: the select branch is disabled without an expiry.
-        None => now + Duration::from_secs(365 * 24 * 3600),
+        None => now + NEVER,
     }
-}
-
-/// Sends the close frame and waits (bounded) for the client's, so the client sees the code.
-async fn close<S: Io>(mut ws: Ws<S>, why: Option<CloseReason>) {
-    let frame = why.map(close_frame);
-    if ws.send(Message::Close(frame)).await.is_err() {
-        return;
-    }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
 }
 
 enum Event {
@@ -125,13 +99,22 @@ enum Event {
     In(Option<Result<Message, WsError>>),
     Heartbeat,
     Expired,
+    Resume,
 }
 
 enum Step {
     Continue,
-    /// Close with this reason; `None` when the socket is already gone.
-    Close(Option<CloseReason>),
+    /// Stop reading for this long: the connection is over its rate.
+    Pause(Duration),
+    End(Ending),
 }
+
+fn close_with(why: CloseReason) -> Step {
+    Step::End(Ending::Close(Some(why)))
+}
+
+/// The socket is gone: nothing to send.
+const GONE: Step = Step::End(Ending::Close(None));
 
 /// Writes `first` and everything already queued behind it with one flush: under load a reader
 /// costs one syscall per batch, not one per message.
@@ -148,78 +131,128 @@ async fn write_queued<S: Io>(
         n += 1;
     }
     if result.is_err() || ws.flush().await.is_err() {
-        return Step::Close(None);
+        return GONE;
     }
     Step::Continue
+}
+
+/// Per-connection state the input path needs besides the socket.
+struct Input<'a> {
+    addr: &'a Addr<DocActor>,
+    conn: Uuid,
+    kick: &'a Kick,
+    awaiting_pong: bool,
+    rate: RateLimit,
 }
 
 async fn handle_input<S: Io>(
     msg: Option<Result<Message, WsError>>,
     ws: &mut Ws<S>,
-    addr: &Addr<DocActor>,
-    conn: Uuid,
-    kick: &Kick,
-    awaiting_pong: &mut bool,
+    input: &mut Input<'_>,
 ) -> Step {
     match msg {
-        None => Step::Close(None),
+        None => GONE,
         Some(Ok(Message::Binary(frame))) => {
             let messages = match decode_frame(&frame) {
                 Ok(m) => m,
                 Err(e) => {
                     warn!(error = %e, len = frame.len(), "closing connection: bad frame");
-                    return Step::Close(Some(protocol_close(&e)));
+                    return close_with(protocol_close(&e));
                 }
             };
-            match addr.send(Incoming { conn, messages }).await {
-                Ok(Ok(())) => Step::Continue,
+            let (count_in, bytes_in) = (messages.len(), frame.len());
+            let incoming = Incoming {
+                conn: input.conn,
+                messages,
+                bytes: bytes_in,
+            };
+            drop(frame);
+            match input.addr.send(incoming).await {
+                // Sync answers count against the requester, so a stream of small SyncStep1s
+                // cannot make the server send gigabytes.
+                Ok(Ok(reply_bytes)) => rate_step(input.rate.spend(
+                    count_in,
+                    bytes_in + reply_bytes,
+                    Instant::now(),
+                )),
                 Ok(Err(v)) => {
                     warn!(error = %v, "closing connection: input refused");
-                    Step::Close(Some(v.close_reason()))
+                    close_with(v.close_reason())
                 }
-                Err(_) => Step::Close(Some(kick.reason())),
+                Err(_) => close_with(input.kick.reason()),
             }
         }
         // tungstenite queues the pong itself; flushing sends it now.
         Some(Ok(Message::Ping(_))) => match ws.flush().await {
             Ok(()) => Step::Continue,
-            Err(_) => Step::Close(None),
+            Err(_) => GONE,
         },
         Some(Ok(Message::Pong(_))) => {
-            *awaiting_pong = false;
+            input.awaiting_pong = false;
             Step::Continue
         }
         Some(Ok(Message::Text(_))) => {
             warn!("closing connection: text frame");
-            Step::Close(Some(reason(
+            close_with(reason(
                 CloseCode::Unsupported,
                 "the protocol uses binary frames only",
-            )))
+            ))
         }
-        Some(Ok(Message::Close(_))) => Step::Close(None),
+        Some(Ok(Message::Close(_))) => GONE,
         Some(Ok(Message::Frame(_))) => Step::Continue,
-        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => Step::Close(None),
+        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => GONE,
+        Some(Err(WsError::Io(e))) if is_budget_exhausted(&e) => {
+            warn!("closing connection: no room for another large incoming message");
+            close_with(reason(
+                CloseCode::Again,
+                "the server is receiving too many large messages, retry later",
+            ))
+        }
         Some(Err(WsError::Io(e))) => {
             debug!(error = %e, "connection lost");
-            Step::Close(None)
+            GONE
+        }
+        Some(Err(e @ WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+            count(|c| &c.oversized_messages);
+            warn!(error = %e, "closing connection: message too large");
+            Step::End(Ending::Linger(ws_error_close(&e)))
         }
         Some(Err(e)) => {
             warn!(error = %e, "closing connection: websocket error");
-            Step::Close(Some(ws_error_close(&e)))
+            close_with(ws_error_close(&e))
         }
     }
 }
 
-/// Serves one WebSocket until either side closes it. `access` was decided at the upgrade.
+fn rate_step(verdict: Verdict) -> Step {
+    match verdict {
+        Verdict::Go => Step::Continue,
+        Verdict::Pause(d) => {
+            count(|c| &c.rate_limit_pauses);
+            Step::Pause(d)
+        }
+        Verdict::Close => {
+            count(|c| &c.rate_limit_closes);
+            warn!("closing connection: over its rate limit for too long");
+            close_with(reason(CloseCode::Policy, "rate limit exceeded"))
+        }
+    }
+}
+
+/// Serves one WebSocket until either side closes it.
 pub async fn run<S: Io>(
     mut ws: Ws<S>,
-    name: String,
-    access: Access,
-    peer: Option<std::net::SocketAddr>,
+    admitted: Admitted,
     registry: Registry,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let conn = Uuid::new_v4();
+    let Admitted {
+        name,
+        access,
+        peer,
+        slot,
+    } = admitted;
     let span = tracing::info_span!(
         "conn",
         doc = %name,
@@ -228,10 +261,11 @@ pub async fn run<S: Io>(
         read_only = access.read_only
     );
     async move {
+        let _slot = slot;
         let config = registry.config().clone();
         let (tx, mut rx) = mpsc::channel::<Outgoing>(config.outbound_queue.max(1));
         let kick = Arc::new(Kick::default());
-        let opened = std::time::Instant::now();
+        let opened = Instant::now();
         let peer = peer.map_or_else(String::new, |p| p.to_string());
         info!(%peer, "connection opened");
         let joined = join(&registry, &name, conn, tx, kick.clone(), access.read_only);
@@ -239,23 +273,38 @@ pub async fn run<S: Io>(
             Ok(addr) => addr,
             Err(why) => {
                 warn!(reason = ?why.description, "could not join document");
-                Box::pin(close(ws, Some(why))).await;
+                Box::pin(close(ws, Ending::Close(Some(why)))).await;
                 return;
             }
         };
         let mut heartbeat = tokio::time::interval(config.heartbeat());
         heartbeat.tick().await;
-        let mut awaiting_pong = false;
+        let mut input = Input {
+            addr: &addr,
+            conn,
+            kick: &kick,
+            awaiting_pong: false,
+            rate: RateLimit::new(
+                config.rate_limit_messages,
+                config.rate_limit_bytes,
+                Duration::from_secs(config.rate_limit_burst_secs),
+                Duration::from_secs(config.rate_limit_grace_secs),
+            ),
+        };
         // Created once: re-creating it each turn would re-register with the Notify every time.
         let kicked = kick.kicked();
         tokio::pin!(kicked);
         // The token's expiry, on the monotonic clock; a connection without one never expires.
         let expiry = tokio::time::sleep_until(until_expiry(&access));
         tokio::pin!(expiry);
+        // Reading resumes when this fires after a rate-limit pause.
+        let resume = tokio::time::sleep(NEVER);
+        tokio::pin!(resume);
+        let mut paused = false;
 
-        let why: Option<CloseReason> = loop {
+        let ending: Ending = loop {
             if *shutdown.borrow() {
-                break Some(reason(CloseCode::Away, "server shutting down"));
+                break Ending::Close(Some(reason(CloseCode::Away, "server shutting down")));
             }
             // The select only picks an event; handling it after the select has dropped its
             // futures keeps this task's state machine (resident per connection) small.
@@ -263,50 +312,65 @@ pub async fn run<S: Io>(
                 _ = shutdown.changed() => Event::Shutdown,
                 why = &mut kicked => Event::Kicked(why),
                 out = rx.recv() => Event::Out(out),
-                msg = ws.next() => Event::In(msg),
+                msg = ws.next(), if !paused => Event::In(msg),
                 _ = heartbeat.tick() => Event::Heartbeat,
                 _ = &mut expiry, if access.expires_at.is_some() => Event::Expired,
+                _ = &mut resume, if paused => Event::Resume,
             };
             let step = match event {
-                Event::Shutdown => {
-                    Step::Close(Some(reason(CloseCode::Away, "server shutting down")))
-                }
-                Event::Kicked(why) => Step::Close(Some(why)),
+                Event::Shutdown => close_with(reason(CloseCode::Away, "server shutting down")),
+                Event::Kicked(why) => close_with(why),
                 Event::Expired => {
                     info!("closing connection: token expired");
-                    Step::Close(Some(token_expired()))
+                    close_with(token_expired())
                 }
-                Event::Out(None) => Step::Close(Some(kick.reason())),
-                Event::Out(Some(bytes)) => write_queued(&mut ws, &mut rx, bytes).await,
-                Event::In(msg) => {
-                    handle_input(msg, &mut ws, &addr, conn, &kick, &mut awaiting_pong).await
+                Event::Out(None) => close_with(kick.reason()),
+                // A client that stopped reading blocks the write; the document then kicks it
+                // (full queue), and the kick must win over the write that never finishes.
+                Event::Out(Some(bytes)) => tokio::select! {
+                    step = write_queued(&mut ws, &mut rx, bytes) => step,
+                    why = &mut kicked => close_with(why),
+                },
+                Event::In(msg) => handle_input(msg, &mut ws, &mut input).await,
+                Event::Resume => {
+                    paused = false;
+                    Step::Continue
                 }
                 Event::Heartbeat => {
-                    if awaiting_pong {
+                    if input.awaiting_pong {
                         info!("closing connection: no pong to the last ping");
-                        Step::Close(Some(reason(CloseCode::Away, "heartbeat timeout")))
+                        close_with(reason(CloseCode::Away, "heartbeat timeout"))
                     } else {
-                        awaiting_pong = true;
+                        input.awaiting_pong = true;
                         match ws.send(Message::Ping(Bytes::new())).await {
                             Ok(()) => Step::Continue,
-                            Err(_) => Step::Close(None),
+                            Err(_) => GONE,
                         }
                     }
                 }
             };
-            if let Step::Close(why) = step {
-                break why;
+            match step {
+                Step::Continue => {}
+                Step::Pause(d) => {
+                    paused = true;
+                    resume.as_mut().reset(tokio::time::Instant::now() + d);
+                }
+                Step::End(ending) => break ending,
             }
         };
         addr.do_send(Leave { conn });
+        let why = match &ending {
+            Ending::Close(why) => why.as_ref(),
+            Ending::Linger(why) => Some(why),
+        };
         info!(
             // None: the client closed, or the socket was lost.
-            close_code = ?why.as_ref().map(|c| u16::from(c.code)),
-            reason = why.as_ref().and_then(|c| c.description.as_deref()).unwrap_or(""),
+            close_code = ?why.map(|c| u16::from(c.code)),
+            reason = why.and_then(|c| c.description.as_deref()).unwrap_or(""),
             duration_ms = opened.elapsed().as_millis() as u64,
             "connection closed"
         );
-        Box::pin(close(ws, why)).await;
+        Box::pin(close(ws, ending)).await;
     }
     .instrument(span)
     .await

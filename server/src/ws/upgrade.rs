@@ -18,9 +18,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::session::{self, Io};
-use crate::auth::{presented_token, Access, Auth, Origins};
+use super::io::Io;
+use super::limits::{client_ip, SlotRefusal, Slots};
+use super::metered::{IncomingBudget, Metered};
+use super::session::{self, Admitted};
+use crate::auth::{presented_token, Auth, Origins};
 use crate::config::MAX_DOC_NAME_LEN;
+use crate::counters::count;
 use crate::doc::registry::Registry;
 
 /// What the upgrade service needs; cloned into every worker.
@@ -31,6 +35,10 @@ pub struct Upgrades {
     pub connections: TaskTracker,
     pub auth: Arc<Auth>,
     pub origins: Arc<Origins>,
+    pub slots: Arc<Slots>,
+    pub budget: IncomingBudget,
+    /// `--max-connections`, or less when the open-file limit is lower.
+    pub max_connections: usize,
 }
 
 /// The document name of a WebSocket request: the raw path without its leading `/` (the query
@@ -59,7 +67,7 @@ fn header_str(req: &Request, name: header::HeaderName) -> Option<&str> {
 }
 
 /// Decides whether the request may have a WebSocket, and with what access.
-fn check(up: &Upgrades, req: &Request) -> Result<(String, Access), Refusal> {
+fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
     ws::verify_handshake(req.head())
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     // Before anything else is read: a page on another site must not learn anything, not even
@@ -91,14 +99,44 @@ fn check(up: &Upgrades, req: &Request) -> Result<(String, Access), Refusal> {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             Refusal::new(status, e.to_string())
         })?;
-    let limit = up.registry.config().max_connections;
-    if up.connections.len() >= limit {
+    if up.connections.len() >= up.max_connections {
+        count(|c| &c.refused_connection_cap);
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "connection limit reached, retry later",
         ));
     }
-    Ok((name.to_owned(), access))
+    let config = up.registry.config();
+    let ip = client_ip(
+        req.peer_addr(),
+        header_str(req, header::HeaderName::from_static("x-forwarded-for")),
+        &config.trusted_proxies,
+    );
+    let slot = up
+        .slots
+        .acquire(ip, name)
+        .map_err(|refusal| match refusal {
+            SlotRefusal::PerIp(n) => {
+                count(|c| &c.refused_per_ip);
+                Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("this address already holds {n} connections"),
+                )
+            }
+            SlotRefusal::PerDoc(n) => {
+                count(|c| &c.refused_per_doc);
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("this document already has {n} connections, retry later"),
+                )
+            }
+        })?;
+    Ok(Admitted {
+        name: name.to_owned(),
+        access,
+        peer: req.peer_addr(),
+        slot,
+    })
 }
 
 async fn refuse<T: Io>(
@@ -127,11 +165,14 @@ pub async fn upgrade<T: Io>(
     req: Request,
     mut framed: Framed<T, h1::Codec>,
 ) -> Result<(), actix_web::Error> {
-    let (name, access) = match check(&up, &req) {
+    let admitted = match check(&up, &req) {
         Ok(ok) => ok,
         Err(refusal) => {
             let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            if refusal.status == StatusCode::SERVICE_UNAVAILABLE {
+            if matches!(
+                refusal.status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            ) {
                 warn!(%peer, path = %req.path(), status = refusal.status.as_u16(), reason = %refusal.text, "upgrade refused");
             } else {
                 info!(%peer, path = %req.path(), status = refusal.status.as_u16(), reason = %refusal.text, "upgrade refused");
@@ -154,21 +195,15 @@ pub async fn upgrade<T: Io>(
         .write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
+    let io = Metered::new(parts.io, up.budget.clone(), &parts.read_buf);
     let socket = WebSocketStream::from_partially_read(
-        parts.io,
+        io,
         parts.read_buf.to_vec(),
         Role::Server,
         Some(ws_config),
     )
     .await;
-    let session = session::run(
-        socket,
-        name,
-        access,
-        req.peer_addr(),
-        up.registry.clone(),
-        up.shutdown.clone(),
-    );
+    let session = session::run(socket, admitted, up.registry.clone(), up.shutdown.clone());
     actix_web::rt::spawn(up.connections.track_future(session));
     Ok(())
 }

@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use collab_crdt::{ClientID, ClientMessage, Document, DocumentError, StateVector, Update};
+use collab_crdt::{ClientID, Document, DocumentError};
 use collab_storage::{Store, StoreError};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
 
-use super::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing, Violation};
+mod input;
+
+use super::messages::{Evict, Join, JoinError, Kick, Leave, Outgoing};
 use super::registry::Registry;
 use crate::ws::close::CloseCode;
 
@@ -45,6 +47,8 @@ struct Loaded {
     next_seq: u64,
     log_count: u64,
     log_bytes: u64,
+    /// Bytes stored for it: snapshot plus log, an upper bound of its encoded size.
+    stored_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +72,7 @@ fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
         next_seq: stored.next_seq(),
         log_count: stored.log.len() as u64,
         log_bytes: stored.log_bytes(),
+        stored_bytes: stored.snapshot.as_ref().map_or(0, |s| s.len() as u64) + stored.log_bytes(),
     })
 }
 
@@ -93,6 +98,10 @@ pub struct DocActor {
     awareness_dirty: HashSet<ClientID>,
     /// An awareness broadcast went out less than one batching window ago.
     awareness_window_open: bool,
+    /// Upper bound of the encoded size, for `--max-document-bytes` (see `check_document_size`).
+    encoded_estimate: u64,
+    /// `encoded_estimate` when it was last measured exactly (0: never).
+    measured_at: u64,
 }
 
 impl DocActor {
@@ -114,6 +123,8 @@ impl DocActor {
             idle_epoch: 0,
             awareness_dirty: HashSet::new(),
             awareness_window_open: false,
+            encoded_estimate: 0,
+            measured_at: 0,
         }
     }
 
@@ -212,6 +223,7 @@ impl DocActor {
 
     fn became_idle(&mut self, ctx: &mut Context<Self>) {
         self.idle_epoch += 1;
+        self.registry.mark_idle(&self.name);
         let epoch = self.idle_epoch;
         // Persist a compact snapshot now, so the next load is one read.
         if self.log_count > 0 {
@@ -346,6 +358,8 @@ impl DocActor {
                     Ok(Ok(())) => {
                         act.log_count -= count;
                         act.log_bytes -= bytes;
+                        act.encoded_estimate = snapshot_len as u64 + act.log_bytes;
+                        act.measured_at = snapshot_len as u64;
                         info!(doc = %act.name, entries = count, log_bytes = bytes, snapshot_bytes = snapshot_len, "compacted");
                     }
                     // The log is still intact, so nothing is lost; the next trigger retries.
@@ -381,110 +395,6 @@ impl DocActor {
             }),
         );
     }
-
-    /// A read-only connection sent a document change: it is dropped here, before anything is
-    /// applied, stored or broadcast. The connection stays open, since a closed one would only
-    /// reconnect and send the same change again. A sync answer that repeats what the document
-    /// already holds is not a refusal.
-    fn refuse_write(&mut self, conn: Uuid, update: &Update) {
-        let new = self
-            .document
-            .as_ref()
-            .is_some_and(|d| d.carries_new(update));
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if !new {
-            return;
-        }
-        c.refused += 1;
-        if c.refused == 1 {
-            warn!(doc = %self.name, conn = %conn, "refused a document change from a read-only connection; later ones are counted");
-        }
-    }
-
-    fn handle_message(
-        &mut self,
-        conn: Uuid,
-        msg: ClientMessage,
-        ctx: &mut Context<Self>,
-    ) -> Result<(), Violation> {
-        let Some(doc) = self.document.as_mut() else {
-            return Err(Violation::Unavailable("not loaded".into()));
-        };
-        match msg {
-            ClientMessage::SyncStep1(sv) => {
-                let bytes = if sv == StateVector::default() {
-                    // Copied to its exact size: the encoder's spare capacity (about 1 KiB for a
-                    // small document) would otherwise stay allocated for as long as the cache.
-                    self.full_state
-                        .get_or_insert_with(|| Bytes::copy_from_slice(&doc.sync_step2_message(&sv)))
-                        .clone()
-                } else {
-                    Bytes::from(doc.sync_step2_message(&sv))
-                };
-                self.release_step2(conn, bytes, ctx);
-            }
-            ClientMessage::SyncStep2(update) | ClientMessage::Update(update)
-                if self.conns.get(&conn).is_some_and(|c| c.read_only) =>
-            {
-                self.refuse_write(conn, &update);
-            }
-            ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
-                match doc.apply_update(update) {
-                    Ok(None) => {}
-                    Ok(Some(diff)) => {
-                        self.full_state = None;
-                        let seq = self.next_seq;
-                        if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
-                            self.fail(format!("append failed: {e}"), ctx);
-                            return Err(Violation::Unavailable("storage failure".into()));
-                        }
-                        self.next_seq += 1;
-                        self.log_count += 1;
-                        self.log_bytes += diff.len() as u64;
-                        self.pending.push(Pending::Update(diff));
-                        self.request_flush(ctx);
-                    }
-                    Err(e) => {
-                        warn!(doc = %self.name, conn = %conn, error = %e, "update rejected; rebuilding document from storage");
-                        self.reload(ctx);
-                        return Err(Violation::UpdateRejected(e.to_string()));
-                    }
-                }
-            }
-            ClientMessage::Awareness(update) => {
-                let limit = self.registry.config().max_awareness_per_connection;
-                let c = self.conns.get(&conn);
-                let owned = c.map_or(0, |c| c.awareness.len());
-                let new = update
-                    .clients
-                    .keys()
-                    .filter(|id| c.is_none_or(|c| !c.awareness.contains(id)))
-                    .count();
-                if owned + new > limit {
-                    return Err(Violation::TooManyAwarenessClients(limit));
-                }
-                if let Some(change) = doc.apply_awareness(update) {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.awareness.extend(change.announced.iter().copied());
-                        for id in &change.removed {
-                            c.awareness.remove(id);
-                        }
-                    }
-                    let ids = change.announced.into_iter().chain(change.removed);
-                    self.awareness_changed(ids.collect(), ctx);
-                }
-            }
-            ClientMessage::QueryAwareness => {
-                if let Some(msg) = doc.awareness_message() {
-                    self.send_to(conn, Bytes::from(msg), ctx);
-                }
-            }
-            ClientMessage::Auth => {}
-        }
-        Ok(())
-    }
 }
 
 impl Actor for DocActor {
@@ -516,6 +426,7 @@ impl Actor for DocActor {
                     act.next_seq = loaded.next_seq;
                     act.log_count = loaded.log_count;
                     act.log_bytes = loaded.log_bytes;
+                    act.encoded_estimate = loaded.stored_bytes;
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }
@@ -549,6 +460,7 @@ impl Handler<Join> for DocActor {
         let step1 = Bytes::from(doc.sync_step1_message());
         let awareness = doc.awareness_message().map(Bytes::from);
         self.idle_epoch += 1;
+        self.registry.mark_busy(&self.name);
         self.conns.insert(
             msg.conn,
             Conn {
@@ -567,28 +479,23 @@ impl Handler<Join> for DocActor {
     }
 }
 
-impl Handler<Incoming> for DocActor {
-    type Result = Result<(), Violation>;
-
-    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) -> Self::Result {
-        if !self.conns.contains_key(&msg.conn) {
-            // Dropped (too slow, or the document failed) while this frame was in flight.
-            return Err(self.failed.clone().map_or(
-                Violation::Unavailable("connection was dropped".into()),
-                Violation::Unavailable,
-            ));
-        }
-        for m in msg.messages {
-            self.handle_message(msg.conn, m, ctx)?;
-        }
-        Ok(())
-    }
-}
-
 impl Handler<Leave> for DocActor {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
         self.drop_conn(msg.conn, ctx);
+    }
+}
+
+impl Handler<Evict> for DocActor {
+    type Result = ();
+
+    /// Too many documents are loaded and this one is the longest idle: unload it now rather
+    /// than after the grace period. A join that arrived meanwhile keeps it.
+    fn handle(&mut self, _: Evict, ctx: &mut Self::Context) {
+        if self.conns.is_empty() && !self.closing {
+            debug!(doc = %self.name, "evicting idle document");
+            self.try_stop(self.idle_epoch, ctx);
+        }
     }
 }

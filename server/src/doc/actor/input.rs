@@ -1,0 +1,178 @@
+//! Input from a connection: the messages of one frame, applied in order.
+
+use actix::prelude::*;
+use actix_web::web::Bytes;
+use collab_crdt::{ClientMessage, StateVector, Update};
+use tracing::warn;
+use uuid::Uuid;
+
+use super::{DocActor, Pending};
+use crate::counters::count;
+use crate::doc::messages::{Incoming, Violation};
+
+impl DocActor {
+    /// A read-only connection sent a document change: it is dropped here, before anything is
+    /// applied, stored or broadcast. The connection stays open, since a closed one would only
+    /// reconnect and send the same change again. A sync answer that repeats what the document
+    /// already holds is not a refusal.
+    fn refuse_write(&mut self, conn: Uuid, update: &Update) {
+        let new = self
+            .document
+            .as_ref()
+            .is_some_and(|d| d.carries_new(update));
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !new {
+            return;
+        }
+        c.refused += 1;
+        if c.refused == 1 {
+            warn!(doc = %self.name, conn = %conn, "refused a document change from a read-only connection; later ones are counted");
+        }
+    }
+
+    /// Applies one message; returns the bytes of the answer queued for `conn`, if any.
+    fn handle_message(
+        &mut self,
+        conn: Uuid,
+        msg: ClientMessage,
+        frame_bytes: usize,
+        ctx: &mut Context<Self>,
+    ) -> Result<usize, Violation> {
+        let Some(doc) = self.document.as_mut() else {
+            return Err(Violation::Unavailable("not loaded".into()));
+        };
+        match msg {
+            ClientMessage::SyncStep1(sv) => {
+                let bytes = if sv == StateVector::default() {
+                    // Copied to its exact size: the encoder's spare capacity (about 1 KiB for a
+                    // small document) would otherwise stay allocated for as long as the cache.
+                    self.full_state
+                        .get_or_insert_with(|| Bytes::copy_from_slice(&doc.sync_step2_message(&sv)))
+                        .clone()
+                } else {
+                    Bytes::from(doc.sync_step2_message(&sv))
+                };
+                let len = bytes.len();
+                self.release_step2(conn, bytes, ctx);
+                return Ok(len);
+            }
+            ClientMessage::SyncStep2(update) | ClientMessage::Update(update)
+                if self.conns.get(&conn).is_some_and(|c| c.read_only) =>
+            {
+                self.refuse_write(conn, &update);
+            }
+            ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
+                self.check_document_size(frame_bytes)?;
+                let Some(doc) = self.document.as_mut() else {
+                    return Err(Violation::Unavailable("not loaded".into()));
+                };
+                match doc.apply_update(update) {
+                    Ok(None) => {}
+                    Ok(Some(diff)) => {
+                        self.full_state = None;
+                        let seq = self.next_seq;
+                        if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
+                            self.fail(format!("append failed: {e}"), ctx);
+                            return Err(Violation::Unavailable("storage failure".into()));
+                        }
+                        self.next_seq += 1;
+                        self.log_count += 1;
+                        self.log_bytes += diff.len() as u64;
+                        self.encoded_estimate += diff.len() as u64;
+                        self.pending.push(Pending::Update(diff));
+                        self.request_flush(ctx);
+                    }
+                    Err(e) => {
+                        warn!(doc = %self.name, conn = %conn, error = %e, "update rejected; rebuilding document from storage");
+                        self.reload(ctx);
+                        return Err(Violation::UpdateRejected(e.to_string()));
+                    }
+                }
+            }
+            ClientMessage::Awareness(update) => {
+                let max_bytes = self.registry.config().max_awareness_bytes;
+                if update.clients.values().any(|e| e.json.len() > max_bytes) {
+                    count(|c| &c.awareness_too_large);
+                    return Err(Violation::AwarenessTooLarge(max_bytes));
+                }
+                let limit = self.registry.config().max_awareness_per_connection;
+                let c = self.conns.get(&conn);
+                let owned = c.map_or(0, |c| c.awareness.len());
+                let new = update
+                    .clients
+                    .keys()
+                    .filter(|id| c.is_none_or(|c| !c.awareness.contains(id)))
+                    .count();
+                if owned + new > limit {
+                    return Err(Violation::TooManyAwarenessClients(limit));
+                }
+                if let Some(change) = doc.apply_awareness(update) {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.awareness.extend(change.announced.iter().copied());
+                        for id in &change.removed {
+                            c.awareness.remove(id);
+                        }
+                    }
+                    let ids = change.announced.into_iter().chain(change.removed);
+                    self.awareness_changed(ids.collect(), ctx);
+                }
+            }
+            ClientMessage::QueryAwareness => {
+                if let Some(msg) = doc.awareness_message() {
+                    let len = msg.len();
+                    self.send_to(conn, Bytes::from(msg), ctx);
+                    return Ok(len);
+                }
+            }
+            ClientMessage::Auth => {}
+        }
+        Ok(0)
+    }
+
+    /// Refuses an update of up to `incoming` bytes that could take the document past
+    /// `--max-document-bytes`. The running estimate (encoded size at load or compaction plus
+    /// every diff since) only grows faster than the real size, so it is exact enough far from
+    /// the limit; near it the document is measured, at most once per 1/64 of the limit
+    /// written, so a full document cannot make every keystroke re-encode it.
+    fn check_document_size(&mut self, incoming: usize) -> Result<(), Violation> {
+        let max = self.registry.config().max_document_bytes;
+        let incoming = incoming as u64;
+        if self.encoded_estimate + incoming <= max {
+            return Ok(());
+        }
+        let stale = self.encoded_estimate - self.measured_at;
+        if stale > max / 64 || self.measured_at == 0 {
+            if let Some(doc) = self.document.as_ref() {
+                self.encoded_estimate = doc.encode_state().len() as u64;
+                self.measured_at = self.encoded_estimate;
+            }
+        }
+        if self.encoded_estimate + incoming > max {
+            count(|c| &c.document_too_large);
+            warn!(doc = %self.name, size = self.encoded_estimate, incoming, max, "refused an update: document size limit");
+            return Err(Violation::DocumentTooLarge(max));
+        }
+        Ok(())
+    }
+}
+
+impl Handler<Incoming> for DocActor {
+    type Result = Result<usize, Violation>;
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) -> Self::Result {
+        if !self.conns.contains_key(&msg.conn) {
+            // Dropped (too slow, or the document failed) while this frame was in flight.
+            return Err(self.failed.clone().map_or(
+                Violation::Unavailable("connection was dropped".into()),
+                Violation::Unavailable,
+            ));
+        }
+        let mut replies = 0;
+        for m in msg.messages {
+            replies += self.handle_message(msg.conn, m, msg.bytes, ctx)?;
+        }
+        Ok(replies)
+    }
+}
