@@ -30,18 +30,20 @@ export const makeDataDir = () => mkdtemp(path.join(os.tmpdir(), 'collab-browser-
 export const removeDir = (dir) => rm(dir, { recursive: true, force: true })
 
 /**
- * A running server process. `start` resolves once it printed `listening on HOST:PORT`.
+ * A running server process (`collab --addr ADDR --data-dir DIR ...extraArgs`). `start` resolves once it printed `listening on HOST:PORT`.
  */
 export class Server {
-  constructor (dataDir) {
+  /** `extraArgs` follow `--addr ... --data-dir ...` on every start, e.g. ['--auth-secret', s]. */
+  constructor (dataDir, extraArgs = []) {
     this.dataDir = dataDir
+    this.extraArgs = extraArgs
     this.proc = null
     this.port = 0
     this.output = ''
   }
 
   async start (addr = '127.0.0.1:0', { timeout = 20000 } = {}) {
-    const proc = spawn(collabBin, ['--addr', addr, '--data-dir', this.dataDir], {
+    const proc = spawn(collabBin, ['--addr', addr, '--data-dir', this.dataDir, ...this.extraArgs], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { RUST_LOG: 'info', ...process.env }
     })
@@ -178,10 +180,13 @@ export class DemoPage {
   }
 
   async waitForSaved (timeout = 5000) {
+    let last
     await waitFor(async () => {
-      const s = await this.status()
+      const s = last = await this.status()
       return s.state === 'connected' && s.saved === 'saved' && s.note === 'all changes saved'
-    }, { timeout, message: '"all changes saved"' })
+    }, { timeout, message: '"all changes saved"' }).catch((e) => {
+      throw new Error(`${e.message} (last status ${JSON.stringify(last)})`)
+    })
   }
 
   /** The editor's text as the user sees it, without remote cursor labels. */

@@ -48,21 +48,63 @@ const cleanDocName = (raw) => (raw || '')
   .replace(/^\.+/, '')
   .slice(0, 64)
 
+const isHttpUrl = (raw) => {
+  try { return /^https?:$/.test(new URL(raw, window.location.href).protocol) } catch { return false }
+}
+
+/** `#doc=NAME[&server=WS_URL][&token=JWT][&tokenUrl=URL]` */
 const readHash = () => {
   const params = new URLSearchParams(window.location.hash.replace(/^#/, ''))
   const server = (params.get('server') || '').trim()
+  const token = (params.get('token') || '').trim()
+  const tokenUrl = (params.get('tokenUrl') || '').trim()
   return {
     doc: cleanDocName(params.get('doc')) || DEFAULT_DOC,
-    server: /^wss?:\/\/[^\s]+$/i.test(server) ? server : ''
+    server: /^wss?:\/\/[^\s]+$/i.test(server) ? server : '',
+    token: /^[\w-]+\.[\w-]+\.[\w-]*$/.test(token) ? token : '',
+    tokenUrl: isHttpUrl(tokenUrl) ? tokenUrl : ''
   }
 }
 
-const hashFor = (doc, server) => `#doc=${doc}` + (server ? `&server=${server}` : '')
+const hashFor = ({ doc, server, token, tokenUrl }) => `#doc=${doc}` + (server ? `&server=${server}` : '') +
+  (token ? `&token=${token}` : '') + (tokenUrl ? `&tokenUrl=${encodeURIComponent(tokenUrl)}` : '')
 
 const socketBase = (server) => {
   if (server) return server
   const scheme = window.location.protocol === 'https:' ? 'wss' : 'ws'
   return `${scheme}://${window.location.host || 'localhost:1234'}`
+}
+
+// ---------------------------------------------------------------- access tokens
+
+// With access control on the server, the page gets a token (a JWT from the application's backend)
+// in the hash, and optionally `tokenUrl`, that backend's endpoint for a fresh one. The claims are
+// read here only to explain problems early; the server checks the signature.
+const tokenClaims = (token) => {
+  try {
+    const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/')
+    const claims = JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))))
+    return claims && typeof claims === 'object' ? claims : {}
+  } catch {
+    return {}
+  }
+}
+const tokenExpired = (token) => typeof tokenClaims(token).exp === 'number' && tokenClaims(token).exp * 1000 <= Date.now()
+const tokenCovers = (token, doc) => {
+  const d = tokenClaims(token).doc
+  if (typeof d !== 'string') return true // not ours to judge: the server decides
+  return d.endsWith('*') ? doc.startsWith(d.slice(0, -1)) : d === doc
+}
+
+/** GET `tokenUrl?doc=NAME` → `{"token": "..."}` */
+const fetchToken = async (tokenUrl, doc) => {
+  const url = new URL(tokenUrl, window.location.href)
+  url.searchParams.set('doc', doc)
+  const res = await fetch(url, { cache: 'no-store', credentials: 'include' })
+  if (!res.ok) throw new Error(`${url.origin}${url.pathname} answered ${res.status}`)
+  const { token } = await res.json()
+  if (typeof token !== 'string' || !token) throw new Error('no "token" in the answer')
+  return token
 }
 
 // ---------------------------------------------------------------- identity
@@ -140,13 +182,18 @@ const editorTheme = EditorView.theme({
  * @property {EditorView} view
  * @property {boolean} failed  a connection closed or failed since the last successful sync
  * @property {boolean} everSynced
+ * @property {string} token  the access token in use ('' without one)
+ * @property {string} tokenUrl  where to get a fresh token ('' when the page cannot renew it)
+ * @property {boolean} renewing  a fresh token is being fetched
+ * @property {'' | 'expired' | 'refused'} access  the server (or the token itself) denies access
  */
 
 /** @type {Session | null} */
 let session = null
 
-const openDoc = (name, server) => {
-  if (session && session.name === name && session.server === server) return
+const openDoc = (name, server, token, tokenUrl) => {
+  if (session && session.name === name && session.server === server && session.token === token &&
+      session.tokenUrl === tokenUrl) return
   closeDoc()
 
   const doc = new Y.Doc()
@@ -155,13 +202,17 @@ const openDoc = (name, server) => {
   awareness.setLocalStateField('user', { ...identity })
   const provider = new WebsocketProvider(socketBase(server), name, doc, {
     awareness,
+    // sent as `?token=` on every (re)connect; renewToken() replaces it
+    params: token ? { token } : {},
+    connect: false,
     // Every edit goes through the server, even between tabs of one browser: this is a server demo.
     disableBc: true
   })
   const undoManager = new Y.UndoManager(ytext)
+  const readOnly = tokenClaims(token).perm === 'read-only'
 
   /** @type {Session} */
-  const s = { name, server, doc, awareness, provider, undoManager, failed: false, everSynced: false, tracker: /** @type {any} */ (null), view: /** @type {any} */ (null) }
+  const s = { name, server, doc, awareness, provider, undoManager, failed: false, everSynced: false, tracker: /** @type {any} */ (null), view: /** @type {any} */ (null), token, tokenUrl, renewing: false, access: '', readOnly }
   s.tracker = new SaveTracker(doc, provider, () => renderStatus())
   provider.on('status', ({ status }) => {
     if (status === 'connected') {
@@ -174,6 +225,13 @@ const openDoc = (name, server) => {
         awareness.setLocalState({ ...local })
         awareness.setLocalState({ ...local })
       }
+    } else if (status === 'disconnected') {
+      // The provider has just dropped everyone else's presence but keeps their clocks: when we
+      // come back alone (a token refresh, a network blip) the server replays their states at the
+      // same clocks, which would be ignored until their 15 s renewal. Forget those clocks.
+      for (const id of [...awareness.meta.keys()]) {
+        if (id !== doc.clientID && !awareness.states.has(id)) awareness.meta.delete(id)
+      }
     }
     renderStatus()
   })
@@ -184,8 +242,21 @@ const openDoc = (name, server) => {
     }
     renderStatus()
   })
-  provider.on('connection-close', () => {
+  provider.on('connection-close', (event) => {
     s.failed = true
+    const code = event ? event.code : 0
+    if (code >= 4400 && code < 4500 && code !== 4401) {
+      // refused for good (4403-style); y-websocket stops reconnecting on 44xx by itself
+      s.access = 'refused'
+    } else if (code === 4401 || (s.token && tokenExpired(s.token))) {
+      // 4401: the token expired while connected. An upgrade refused for an expired token (HTTP
+      // 401) reaches the page only as code 1006, hence the look at the token's own `exp`.
+      if (s.tokenUrl) renewToken(s)
+      else {
+        s.access = 'expired'
+        provider.shouldConnect = false // no use retrying with this token
+      }
+    }
     renderStatus()
   })
   awareness.on('change', () => renderPeers())
@@ -207,15 +278,46 @@ const openDoc = (name, server) => {
         EditorView.contentAttributes.of({ 'aria-label': `Document ${name}` }),
         placeholder('Start typing. Everyone who opens this document sees your edits live.'),
         editorTheme,
+        EditorState.readOnly.of(readOnly),
         yCollab(ytext, awareness, { undoManager })
       ]
     })
   })
 
   session = s
+  if (tokenUrl && (!token || tokenExpired(token) || !tokenCovers(token, name))) renewToken(s)
+  else if (token && !tokenCovers(token, name)) s.access = 'refused'
+  else if (token && tokenExpired(token)) s.access = 'expired'
+  else provider.connect()
   renderDocChrome()
   renderStatus()
   renderPeers()
+}
+
+/** Gets a fresh token from the app's backend, then (re)connects with it: the refresh pattern. */
+const renewToken = (s) => {
+  if (s.renewing) return
+  s.renewing = true
+  s.provider.shouldConnect = false // wait for the new token instead of retrying with the old one
+  fetchToken(s.tokenUrl, s.name).then((token) => {
+    s.renewing = false
+    if (session !== s) return
+    s.token = token
+    s.access = tokenCovers(token, s.name) ? '' : 'refused'
+    s.provider.params.token = token
+    if (!s.access) s.provider.connect()
+    // a reload uses the fresh token too (replaceState fires no hashchange)
+    window.history.replaceState(null, '', window.location.pathname + window.location.search + hashFor({ doc: s.name, server: s.server, token, tokenUrl: s.tokenUrl }))
+    renderStatus()
+  }, (err) => {
+    s.renewing = false
+    if (session !== s) return
+    console.warn(`could not get a fresh access token: ${err.message}; retrying in 5 s`)
+    s.access = 'expired'
+    renderStatus()
+    setTimeout(() => { if (session === s && s.access === 'expired') renewToken(s) }, 5000)
+  })
+  renderStatus()
 }
 
 const closeDoc = () => {
@@ -234,6 +336,8 @@ const closeDoc = () => {
 
 const connectionState = (s) => {
   if (s.provider.wsconnected && s.provider.synced) return 'connected'
+  if (s.renewing) return 'connecting'
+  if (s.access) return s.access
   if (s.failed) return 'offline'
   return 'connecting'
 }
@@ -245,21 +349,27 @@ const renderStatus = () => {
   const saved = s.tracker.saved
   els.status.dataset.state = state
   els.status.dataset.saved = saved ? 'saved' : 'unsaved'
-  els.statusText.textContent = state === 'offline' ? 'offline' : state
+  els.statusText.textContent = state === 'expired' || state === 'refused' ? `access ${state}` : state
   let note = ''
-  if (!saved) note = state === 'connected' ? 'saving…' : 'unsaved edits, kept until reconnected'
+  if (state === 'expired') note = s.tokenUrl ? 'could not renew the token, retrying…' : 'reload with a new token'
+  else if (state === 'refused') note = 'this token does not open this document'
+  else if (s.readOnly) note = 'read-only'
+  else if (!saved) note = state === 'connected' ? 'saving…' : 'unsaved edits, kept until reconnected'
   else if (s.everSynced) note = 'all changes saved'
   else if (state === 'offline') note = 'retrying…'
   els.saveText.textContent = note
   els.status.title = state === 'offline'
     ? 'The server cannot be reached. Keep editing: your changes merge when the connection is back.'
-    : `Server: ${s.provider.url}`
+    : state === 'expired' || state === 'refused'
+      ? 'The server does not accept this access token for this document.'
+      : `Server: ${s.provider.url.replace(/([?&]token=)[^&]*/, '$1…')}`
 }
 
 const renderDocChrome = () => {
   const s = session
   if (!s) return
-  const hash = hashFor(s.name, s.server)
+  // links carry the token only when the page cannot fetch one itself
+  const hash = hashFor({ doc: s.name, server: s.server, token: s.tokenUrl ? '' : s.token, tokenUrl: s.tokenUrl })
   els.docInput.value = s.name
   els.docTitle.textContent = s.name
   els.newTab.href = window.location.pathname + window.location.search + hash
@@ -312,18 +422,19 @@ const renderPeers = () => {
 // ---------------------------------------------------------------- controls
 
 const followHash = () => {
-  const { doc, server } = readHash()
-  if (session && !session.tracker.saved && (session.name !== doc || session.server !== server) &&
+  const h = readHash()
+  if (session && !session.tracker.saved && (session.name !== h.doc || session.server !== h.server) &&
       !window.confirm(`"${session.name}" has edits the server has not confirmed yet; they are lost if you leave. Leave anyway?`)) {
-    window.history.replaceState(null, '', window.location.pathname + window.location.search + hashFor(session.name, session.server))
+    window.history.replaceState(null, '', window.location.pathname + window.location.search +
+      hashFor({ doc: session.name, server: session.server, token: session.token, tokenUrl: session.tokenUrl }))
     els.docInput.value = session.name
     return
   }
-  const canonical = hashFor(doc, server)
+  const canonical = hashFor(h)
   if (window.location.hash !== canonical) {
     window.history.replaceState(null, '', window.location.pathname + window.location.search + canonical)
   }
-  openDoc(doc, server)
+  openDoc(h.doc, h.server, h.token, h.tokenUrl)
 }
 
 els.docForm.addEventListener('submit', (e) => {
@@ -334,8 +445,7 @@ els.docForm.addEventListener('submit', (e) => {
     return
   }
   els.docInput.value = name
-  const { server } = readHash()
-  window.location.hash = hashFor(name, server) // → hashchange → followHash
+  window.location.hash = hashFor({ ...readHash(), doc: name }) // → hashchange → followHash
   els.docInput.blur()
 })
 
