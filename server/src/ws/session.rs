@@ -261,7 +261,6 @@ pub async fn run<S: Io>(
         read_only = access.read_only
     );
     async move {
-        let _slot = slot;
         let config = registry.config().clone();
         let (tx, mut rx) = mpsc::channel::<Outgoing>(config.outbound_queue.max(1));
         let kick = Arc::new(Kick::default());
@@ -359,6 +358,9 @@ pub async fn run<S: Io>(
             }
         };
         addr.do_send(Leave { conn });
+        // The per-IP and per-document places are free once the document has let go; the
+        // close handshake below may take seconds with a slow peer.
+        drop(slot);
         let why = match &ending {
             Ending::Close(why) => why.as_ref(),
             Ending::Linger(why) => Some(why),

@@ -155,10 +155,21 @@ pub struct Server {
 
 impl Server {
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with_nofile(args, None)
+    }
+
+    /// Starts with the open-file limit (soft and hard) set to `nofile`, like `ulimit -n`.
+    pub fn start_with_nofile(args: &[&str], nofile: Option<u64>) -> Server {
         let data = tempfile::tempdir().expect("temp dir");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let log_path = data.path().join("server.log");
-        let (child, addr) = spawn(&data.path().join("db"), "127.0.0.1:0", &args, &log_path);
+        let (child, addr) = spawn(
+            &data.path().join("db"),
+            "127.0.0.1:0",
+            &args,
+            &log_path,
+            nofile,
+        );
         Server {
             child: Some(child),
             addr,
@@ -166,6 +177,48 @@ impl Server {
             args,
             log_path,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Whether the server process still has a socket open for the TCP connection whose
+    /// client side is `client_port` (read from /proc, as the kernel sees it).
+    pub fn holds_connection(&self, client_port: u16) -> bool {
+        let mut inodes = std::collections::HashSet::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                let (local, remote, inode) = (cols[1], cols[2], cols[9]);
+                let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
+                if port_of(local) == Some(self.addr.port()) && port_of(remote) == Some(client_port)
+                {
+                    inodes.insert(format!("socket:[{inode}]"));
+                }
+            }
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return false;
+        };
+        fds.filter_map(Result::ok).any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| inodes.contains(target.to_string_lossy().as_ref()))
+        })
     }
 
     pub fn url(&self, doc: &str) -> String {
@@ -208,7 +261,13 @@ impl Server {
     /// Starts again on the same data folder (and a new port).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server first");
-        let (child, addr) = spawn(&self.db_path(), "127.0.0.1:0", &self.args, &self.log_path);
+        let (child, addr) = spawn(
+            &self.db_path(),
+            "127.0.0.1:0",
+            &self.args,
+            &self.log_path,
+            None,
+        );
         self.child = Some(child);
         self.addr = addr;
     }
@@ -233,13 +292,27 @@ impl Drop for Server {
     }
 }
 
-fn spawn(db: &Path, addr: &str, args: &[String], log: &Path) -> (Child, SocketAddr) {
+fn spawn(
+    db: &Path,
+    addr: &str,
+    args: &[String],
+    log: &Path,
+    nofile: Option<u64>,
+) -> (Child, SocketAddr) {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("log file");
-    let mut child = Command::new(collab_bin())
+    let mut cmd = Command::new(collab_bin());
+    if let Some(n) = nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent.
+        unsafe {
+            cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
+        }
+    }
+    let mut child = cmd
         .arg("--addr")
         .arg(addr)
         .arg("--data-dir")
