@@ -51,6 +51,11 @@ pub struct TokenArgs {
 /// Command-line and environment configuration of the `collab` server.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// TOML file with any of these settings as top-level keys named like the flags with `_`
+    /// for `-` (see collab.example.toml). Precedence: flag > environment > file > default.
+    #[arg(long, env = "COLLAB_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "COLLAB_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
@@ -170,6 +175,21 @@ pub struct Config {
     /// refused with 1013.
     #[arg(long, env = "COLLAB_MAX_INCOMING_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_incoming_bytes: u64,
+
+    /// Serve `/metrics` on this separate address (e.g. `127.0.0.1:9090`) instead of --addr,
+    /// so it need not be exposed publicly.
+    #[arg(long, env = "COLLAB_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+
+    /// Seconds between SIGTERM and closing the sockets, during which `/readyz` answers 503 so a
+    /// load balancer stops sending new clients.
+    #[arg(long, env = "COLLAB_SHUTDOWN_DRAIN_SECS", default_value_t = 0)]
+    pub shutdown_drain_secs: u64,
+
+    /// Log format on stderr: `text`, or `json` (one object per line, with the span fields:
+    /// document, connection id, user).
+    #[arg(long, env = "COLLAB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 
     /// Shared secret for document tokens (JWT, HS256). With a secret every WebSocket needs a
     /// token; without one the server runs open. Prefer --auth-secret-file: a flag shows in the

@@ -2,9 +2,11 @@
 
 pub mod auth;
 pub mod config;
+pub mod config_file;
 pub mod counters;
 pub mod doc;
 pub mod http;
+pub mod telemetry;
 pub mod tls;
 pub mod ws;
 
@@ -95,9 +97,17 @@ pub async fn serve(
     ));
     let origins = Arc::new(Origins::new(&config.allowed_origins));
     report_access(&config, &secrets, &origins);
+    let shutting_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_state = web::Data::new(HttpState {
         auth: auth.clone(),
         admin_key: secrets.admin.clone(),
+        docs: registry.clone(),
+        readiness: http::ops::Readiness {
+            shutting_down: shutting_down.clone(),
+            fatal: fatal.subscribe(),
+            store: store.clone(),
+        },
+        metrics_here: config.metrics_addr.is_none(),
     });
 
     let connections = TaskTracker::new();
@@ -138,6 +148,8 @@ pub async fn serve(
             () => {{
                 let upgrades = upgrades.clone();
                 let app = App::new()
+                    // The demo's files and JSON answers, gzip or brotli as the client asks.
+                    .wrap(actix_web::middleware::Compress::default())
                     .configure(http::configure(http_state.clone()))
                     .into_factory();
                 // Every message is small and latency-bound; with Nagle on, an echo waits for
@@ -162,6 +174,24 @@ pub async fn serve(
             None => builder.listen("collab", listener, move || http_service!().tcp())?,
         };
     }
+    if let Some(metrics_addr) = &config.metrics_addr {
+        let http_state = http_state.clone();
+        for listener in bind_listeners(metrics_addr).map_err(|source| ServerError::Bind {
+            addr: metrics_addr.clone(),
+            source,
+        })? {
+            info!(addr = %listener.local_addr()?, "metrics listening");
+            let http_state = http_state.clone();
+            builder = builder.listen("metrics", listener, move || {
+                let app = App::new()
+                    .configure(http::configure_metrics(http_state.clone()))
+                    .into_factory();
+                HttpService::build()
+                    .finish(map_config(app, |_| AppConfig::default()))
+                    .tcp()
+            })?;
+        }
+    }
     let running = builder.run();
     let handle = running.handle();
     for addr in &addrs {
@@ -172,11 +202,24 @@ pub async fn serve(
     }
 
     let mut fatal_rx = fatal.subscribe();
+    let drain = std::time::Duration::from_secs(config.shutdown_drain_secs);
     actix_web::rt::spawn(async move {
         tokio::select! {
-            _ = wait_for_signal() => info!("shutting down: closing connections"),
+            _ = wait_for_signal() => {
+                // Not ready first, so a load balancer stops sending new clients here before
+                // the sockets close.
+                shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                if !drain.is_zero() {
+                    info!(?drain, "shutting down: /readyz answers 503, draining");
+                    tokio::time::sleep(drain).await;
+                }
+                info!("shutting down: closing connections");
+            }
             // A supervisor restarts the process; serving on would only fail every edit.
-            _ = fatal_rx.wait_for(Option::is_some) => error!("storage failed: shutting down"),
+            _ = fatal_rx.wait_for(Option::is_some) => {
+                shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                error!("storage failed: shutting down");
+            }
         }
         let _ = shutdown_tx.send(true);
         // Connection tasks live on the workers: they must finish (close frame sent) before the

@@ -12,16 +12,30 @@ use tracing_subscriber::EnvFilter;
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = collab_server::config_file::apply(&args) {
+        eprintln!("error: {e}");
+        return ExitCode::from(USAGE);
+    }
+    let cli = Cli::parse_from(args);
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    if cli.config.log_format == "json" {
+        // One object per line; the fields of the enclosing spans (doc, conn, sub) are
+        // flattened in, so a log collector can filter by document or connection.
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
         // Colour only for a person at a terminal: in files and log collectors the escape
         // codes are noise.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
     let secrets = match cli.config.secrets() {
         Ok(s) => s,
         Err(e) => {

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, warn};
 
 use crate::counters::count;
+use crate::telemetry::METRICS;
 
 type Waiter = oneshot::Sender<Result<(), Arc<StoreError>>>;
 
@@ -38,12 +39,14 @@ pub enum FlushError {
 
 async fn flush_once(store: &Arc<dyn Store>, delay: Duration) -> Result<(), Arc<StoreError>> {
     let store = store.clone();
-    match tokio::task::spawn_blocking(move || {
+    let timer = METRICS.flush_seconds.start_timer();
+    let result = tokio::task::spawn_blocking(move || {
         std::thread::sleep(delay);
         store.flush()
     })
-    .await
-    {
+    .await;
+    timer.observe_duration();
+    match result {
         Ok(r) => r.map_err(Arc::new),
         Err(join) => Err(Arc::new(StoreError::Corrupt {
             doc: String::new(),
@@ -73,6 +76,7 @@ impl Flusher {
                 for backoff in RETRY_BACKOFF {
                     let Err(e) = &result else { break };
                     count(|c| &c.storage_flush_failures);
+                    METRICS.storage_errors.inc();
                     warn!(error = %e, retry_in = ?backoff, "storage flush failed; retrying");
                     tokio::time::sleep(backoff).await;
                     result = flush_once(&store, delay).await;

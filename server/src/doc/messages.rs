@@ -101,6 +101,20 @@ pub struct Incoming {
     pub messages: Vec<ClientMessage>,
     /// Size of the frame they came in, an upper bound on what they can add to the document.
     pub bytes: usize,
+    /// When the frame was read off the socket.
+    pub received: std::time::Instant,
+}
+
+/// What the metrics endpoint samples from each document.
+#[derive(Message)]
+#[rtype(result = "DocStats")]
+pub struct GetStats;
+
+#[derive(Debug, Default, Clone)]
+pub struct DocStats {
+    pub connections: usize,
+    /// Messages waiting in each connection's outbound queue.
+    pub queue_depths: Vec<usize>,
 }
 
 /// Sent by the registry to an idle document when too many are loaded: unload now if still

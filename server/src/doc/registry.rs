@@ -119,6 +119,11 @@ impl Registry {
         }
     }
 
+    /// Every loaded document's actor, for sampling at scrape time.
+    pub fn actors(&self) -> Vec<Addr<DocActor>> {
+        self.lock().actors.values().cloned().collect()
+    }
+
     pub fn open_documents(&self) -> usize {
         self.lock().actors.len()
     }

@@ -2,6 +2,7 @@
 //! app; they are taken by `ws::upgrade` before actix-web routes anything.
 
 mod demo;
+pub mod ops;
 mod tokens;
 
 use std::sync::Arc;
@@ -9,26 +10,42 @@ use std::sync::Arc;
 use actix_web::{web, HttpResponse};
 
 use crate::auth::{Auth, Secret};
+use crate::doc::registry::Registry;
+use ops::Readiness;
 
 /// Shared by every request handler.
 pub struct HttpState {
     pub auth: Arc<Auth>,
     /// `None`: the admin endpoints do not exist (404).
     pub admin_key: Option<Secret>,
+    pub docs: Registry,
+    pub readiness: Readiness,
+    /// `/metrics` is served here (not moved to `--metrics-addr`).
+    pub metrics_here: bool,
 }
 
 /// Routes of the HTTP app; `configure` keeps them in one place for the server and for tests.
 pub fn configure(state: web::Data<HttpState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
+        let metrics_here = state.metrics_here;
         cfg.app_data(state)
-            .route("/healthz", web::get().to(healthz))
-            .route("/api/tokens", web::post().to(tokens::mint))
-            .default_service(web::get().to(demo::serve));
+            .route("/healthz", web::get().to(ops::healthz))
+            .route("/readyz", web::get().to(ops::readyz))
+            .route("/api/tokens", web::post().to(tokens::mint));
+        if metrics_here {
+            cfg.route("/metrics", web::get().to(ops::metrics));
+        }
+        cfg.default_service(web::get().to(demo::serve));
     }
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().body("ok")
+/// The separate `--metrics-addr` listener: `/metrics` (and `/healthz`) only.
+pub fn configure_metrics(state: web::Data<HttpState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(state)
+            .route("/metrics", web::get().to(ops::metrics))
+            .route("/healthz", web::get().to(ops::healthz));
+    }
 }
 
 /// A JSON error body, `{"error": "..."}`, as every API endpoint answers.

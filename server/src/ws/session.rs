@@ -25,6 +25,7 @@ use crate::counters::count;
 use crate::doc::actor::DocActor;
 use crate::doc::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing};
 use crate::doc::registry::{Registry, RegistryFull};
+use crate::telemetry::{Kind, METRICS};
 
 /// Most messages written before one flush (one `send` syscall) when several are queued.
 const WRITE_BATCH: usize = 64;
@@ -161,10 +162,20 @@ async fn handle_input<S: Io>(
                 }
             };
             let (count_in, bytes_in) = (messages.len(), frame.len());
+            for m in &messages {
+                METRICS.messages_received.get(Kind::of(m)).inc();
+            }
+            if let Some(first) = messages.first() {
+                METRICS
+                    .bytes_received
+                    .get(Kind::of(first))
+                    .inc_by(bytes_in as u64);
+            }
             let incoming = Incoming {
                 conn: input.conn,
                 messages,
                 bytes: bytes_in,
+                received: Instant::now(),
             };
             drop(frame);
             match input.addr.send(incoming).await {
@@ -239,6 +250,15 @@ fn rate_step(verdict: Verdict) -> Step {
     }
 }
 
+/// Decrements the open-connections gauge when dropped.
+struct OpenConnection;
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        METRICS.connections.dec();
+    }
+}
+
 /// Serves one WebSocket until either side closes it.
 pub async fn run<S: Io>(
     mut ws: Ws<S>,
@@ -267,6 +287,10 @@ pub async fn run<S: Io>(
         let opened = Instant::now();
         let peer = peer.map_or_else(String::new, |p| p.to_string());
         info!(%peer, "connection opened");
+        METRICS.connections_opened.inc();
+        METRICS.connections.inc();
+        // Counted down however the session ends, early returns included.
+        let _open = OpenConnection;
         let joined = join(&registry, &name, conn, tx, kick.clone(), access.read_only);
         let addr = match Box::pin(joined).await {
             Ok(addr) => addr,
@@ -365,6 +389,7 @@ pub async fn run<S: Io>(
             Ending::Close(why) => why.as_ref(),
             Ending::Linger(why) => Some(why),
         };
+        METRICS.connection_closed(why.map(|c| u16::from(c.code)));
         info!(
             // None: the client closed, or the socket was lost.
             close_code = ?why.map(|c| u16::from(c.code)),

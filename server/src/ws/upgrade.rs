@@ -26,6 +26,7 @@ use crate::auth::{presented_token, Auth, Origins};
 use crate::config::MAX_DOC_NAME_LEN;
 use crate::counters::count;
 use crate::doc::registry::Registry;
+use crate::telemetry::METRICS;
 
 /// What the upgrade service needs; cloned into every worker.
 #[derive(Clone)]
@@ -168,6 +169,10 @@ pub async fn upgrade<T: Io>(
     let admitted = match check(&up, &req) {
         Ok(ok) => ok,
         Err(refusal) => {
+            METRICS
+                .upgrades_refused
+                .with_label_values(&[refusal.status.as_str()])
+                .inc();
             let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             if matches!(
                 refusal.status,

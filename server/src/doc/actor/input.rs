@@ -1,5 +1,7 @@
 //! Input from a connection: the messages of one frame, applied in order.
 
+use std::time::Instant;
+
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientMessage, StateVector, Update};
@@ -9,6 +11,7 @@ use uuid::Uuid;
 use super::{DocActor, Pending};
 use crate::counters::count;
 use crate::doc::messages::{Incoming, Violation};
+use crate::telemetry::{Kind, Refusal, METRICS};
 
 impl DocActor {
     /// A read-only connection sent a document change: it is dropped here, before anything is
@@ -27,6 +30,7 @@ impl DocActor {
             return;
         }
         c.refused += 1;
+        METRICS.update_refused(Refusal::ReadOnly);
         if c.refused == 1 {
             warn!(doc = %self.name, conn = %conn, "refused a document change from a read-only connection; later ones are counted");
         }
@@ -38,6 +42,7 @@ impl DocActor {
         conn: Uuid,
         msg: ClientMessage,
         frame_bytes: usize,
+        received: Instant,
         ctx: &mut Context<Self>,
     ) -> Result<usize, Violation> {
         let Some(doc) = self.document.as_mut() else {
@@ -55,6 +60,12 @@ impl DocActor {
                     Bytes::from(doc.sync_step2_message(&sv))
                 };
                 let len = bytes.len();
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if !c.synced_once {
+                        c.synced_once = true;
+                        METRICS.first_sync_bytes.observe(len as f64);
+                    }
+                }
                 self.release_step2(conn, bytes, ctx);
                 return Ok(len);
             }
@@ -68,12 +79,18 @@ impl DocActor {
                 let Some(doc) = self.document.as_mut() else {
                     return Err(Violation::Unavailable("not loaded".into()));
                 };
-                match doc.apply_update(update) {
+                let started = Instant::now();
+                let applied = doc.apply_update(update);
+                METRICS
+                    .apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match applied {
                     Ok(None) => {}
                     Ok(Some(diff)) => {
                         self.full_state = None;
                         let seq = self.next_seq;
                         if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
+                            METRICS.storage_errors.inc();
                             self.fail(format!("append failed: {e}"), ctx);
                             return Err(Violation::Unavailable("storage failure".into()));
                         }
@@ -81,10 +98,12 @@ impl DocActor {
                         self.log_count += 1;
                         self.log_bytes += diff.len() as u64;
                         self.encoded_estimate += diff.len() as u64;
-                        self.pending.push(Pending::Update(diff));
+                        METRICS.updates_applied.inc();
+                        self.pending.push(Pending::Update(diff, received));
                         self.request_flush(ctx);
                     }
                     Err(e) => {
+                        METRICS.update_refused(Refusal::Malformed);
                         warn!(doc = %self.name, conn = %conn, error = %e, "update rejected; rebuilding document from storage");
                         self.reload(ctx);
                         return Err(Violation::UpdateRejected(e.to_string()));
@@ -122,7 +141,7 @@ impl DocActor {
             ClientMessage::QueryAwareness => {
                 if let Some(msg) = doc.awareness_message() {
                     let len = msg.len();
-                    self.send_to(conn, Bytes::from(msg), ctx);
+                    self.send_to(conn, Bytes::from(msg), Kind::Awareness, ctx);
                     return Ok(len);
                 }
             }
@@ -151,6 +170,7 @@ impl DocActor {
         }
         if self.encoded_estimate + incoming > max {
             count(|c| &c.document_too_large);
+            METRICS.update_refused(Refusal::TooLarge);
             warn!(doc = %self.name, size = self.encoded_estimate, incoming, max, "refused an update: document size limit");
             return Err(Violation::DocumentTooLarge(max));
         }
@@ -171,7 +191,7 @@ impl Handler<Incoming> for DocActor {
         }
         let mut replies = 0;
         for m in msg.messages {
-            replies += self.handle_message(msg.conn, m, msg.bytes, ctx)?;
+            replies += self.handle_message(msg.conn, m, msg.bytes, msg.received, ctx)?;
         }
         Ok(replies)
     }

@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 mod input;
 
-use super::messages::{Evict, Join, JoinError, Kick, Leave, Outgoing};
+use super::messages::{DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing};
 use super::registry::Registry;
+use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
 
 struct Conn {
@@ -32,11 +33,14 @@ struct Conn {
     read_only: bool,
     /// Document changes refused from this (read-only) connection.
     refused: u64,
+    /// Its first SyncStep1 was answered (for the first-sync size histogram).
+    synced_once: bool,
 }
 
 enum Pending {
-    /// An applied update's diff, broadcast to everyone once durable.
-    Update(Vec<u8>),
+    /// An applied update's diff, broadcast to everyone once durable, and when its frame was
+    /// received.
+    Update(Vec<u8>, std::time::Instant),
     /// A message for one connection that reveals content (a SyncStep2 answer).
     One(Uuid, Bytes),
 }
@@ -102,6 +106,8 @@ pub struct DocActor {
     encoded_estimate: u64,
     /// `encoded_estimate` when it was last measured exactly (0: never).
     measured_at: u64,
+    /// Counted in the loaded-documents gauge (loaded successfully, not yet stopped).
+    counted_loaded: bool,
 }
 
 impl DocActor {
@@ -125,6 +131,7 @@ impl DocActor {
             awareness_window_open: false,
             encoded_estimate: 0,
             measured_at: 0,
+            counted_loaded: false,
         }
     }
 
@@ -134,16 +141,21 @@ impl DocActor {
 
     /// Queues `bytes` for one connection; a full queue disconnects it rather than buffering
     /// without bound or silently skipping a message.
-    fn send_to(&mut self, conn: Uuid, bytes: Bytes, ctx: &mut Context<Self>) {
-        self.send_shared(conn, Arc::new(bytes), ctx);
+    fn send_to(&mut self, conn: Uuid, bytes: Bytes, kind: Kind, ctx: &mut Context<Self>) {
+        let len = bytes.len() as u64;
+        if self.send_shared(conn, Arc::new(bytes), ctx) {
+            METRICS.messages_sent.get(kind).inc();
+            METRICS.bytes_sent.get(kind).inc_by(len);
+        }
     }
 
-    fn send_shared(&mut self, conn: Uuid, bytes: Outgoing, ctx: &mut Context<Self>) {
+    /// Whether the message was queued.
+    fn send_shared(&mut self, conn: Uuid, bytes: Outgoing, ctx: &mut Context<Self>) -> bool {
         let Some(c) = self.conns.get(&conn) else {
-            return;
+            return false;
         };
         match c.tx.try_send(bytes) {
-            Ok(()) => {}
+            Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 warn!(doc = %self.name, conn = %conn, "outbound queue full, disconnecting slow client");
                 c.kick
@@ -152,14 +164,20 @@ impl DocActor {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.drop_conn(conn, ctx),
         }
+        false
     }
 
-    fn broadcast(&mut self, bytes: Bytes, ctx: &mut Context<Self>) {
+    fn broadcast(&mut self, bytes: Bytes, kind: Kind, ctx: &mut Context<Self>) {
+        let len = bytes.len() as u64;
         let bytes = Arc::new(bytes);
         let ids: Vec<Uuid> = self.conns.keys().copied().collect();
+        let mut sent = 0;
         for id in ids {
-            self.send_shared(id, bytes.clone(), ctx);
+            sent += u64::from(self.send_shared(id, bytes.clone(), ctx));
         }
+        // Counted once per broadcast, not per recipient: two adds however many readers.
+        METRICS.messages_sent.get(kind).inc_by(sent);
+        METRICS.bytes_sent.get(kind).inc_by(sent * len);
     }
 
     /// Relays awareness changes. The first change after a quiet window goes out at once; later
@@ -174,7 +192,7 @@ impl DocActor {
                 .as_ref()
                 .and_then(|d| d.awareness_message_for(ids))
             {
-                self.broadcast(Bytes::from(msg), ctx);
+                self.broadcast(Bytes::from(msg), Kind::Awareness, ctx);
             }
             if !window.is_zero() {
                 self.awareness_window_open = true;
@@ -196,7 +214,7 @@ impl DocActor {
             .as_ref()
             .and_then(|d| d.awareness_message_for(ids))
         {
-            self.broadcast(Bytes::from(msg), ctx);
+            self.broadcast(Bytes::from(msg), Kind::Awareness, ctx);
         }
         let window = self.registry.config().awareness_batch();
         ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
@@ -294,10 +312,15 @@ impl DocActor {
         let mut run: Vec<Vec<u8>> = Vec::new();
         for item in items {
             match item {
-                Pending::Update(diff) => run.push(diff),
+                Pending::Update(diff, received) => {
+                    METRICS
+                        .broadcast_delay_seconds
+                        .observe(received.elapsed().as_secs_f64());
+                    run.push(diff);
+                }
                 Pending::One(conn, bytes) => {
                     self.broadcast_updates(&mut run, ctx);
-                    self.send_to(conn, bytes, ctx);
+                    self.send_to(conn, bytes, Kind::SyncStep2, ctx);
                 }
             }
         }
@@ -310,14 +333,14 @@ impl DocActor {
         }
         let msg = Bytes::from(collab_crdt::protocol::encode_updates(run));
         run.clear();
-        self.broadcast(msg, ctx);
+        self.broadcast(msg, Kind::Update, ctx);
     }
 
     /// Sends a SyncStep2 now if nothing is waiting for durability, else in order behind the
     /// pending writes it may include.
     fn release_step2(&mut self, conn: Uuid, bytes: Bytes, ctx: &mut Context<Self>) {
         if self.pending.is_empty() {
-            self.send_to(conn, bytes, ctx);
+            self.send_to(conn, bytes, Kind::SyncStep2, ctx);
         } else {
             self.pending.push(Pending::One(conn, bytes));
         }
@@ -360,11 +383,18 @@ impl DocActor {
                         act.log_bytes -= bytes;
                         act.encoded_estimate = snapshot_len as u64 + act.log_bytes;
                         act.measured_at = snapshot_len as u64;
+                        METRICS.compactions.inc();
                         info!(doc = %act.name, entries = count, log_bytes = bytes, snapshot_bytes = snapshot_len, "compacted");
                     }
                     // The log is still intact, so nothing is lost; the next trigger retries.
-                    Ok(Err(e)) => error!(doc = %act.name, error = %e, "compaction failed"),
-                    Err(e) => error!(doc = %act.name, error = %e, "compaction task failed"),
+                    Ok(Err(e)) => {
+                        METRICS.storage_errors.inc();
+                        error!(doc = %act.name, error = %e, "compaction failed")
+                    }
+                    Err(e) => {
+                        METRICS.storage_errors.inc();
+                        error!(doc = %act.name, error = %e, "compaction task failed")
+                    }
                 }
             }),
         );
@@ -400,6 +430,13 @@ impl DocActor {
 impl Actor for DocActor {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if self.counted_loaded {
+            METRICS.documents_loaded.dec();
+            METRICS.document_unloads.inc();
+        }
+    }
+
     fn started(&mut self, ctx: &mut Self::Context) {
         let store = self.store();
         let name = self.name.clone();
@@ -422,6 +459,10 @@ impl Actor for DocActor {
             .map(|(result, took), act, ctx| match result {
                 Ok(loaded) => {
                     info!(doc = %act.name, entries = loaded.log_count, ?took, "document loaded");
+                    METRICS.load_seconds.observe(took.as_secs_f64());
+                    METRICS.document_loads.inc();
+                    METRICS.documents_loaded.inc();
+                    act.counted_loaded = true;
                     act.document = Some(loaded.document);
                     act.next_seq = loaded.next_seq;
                     act.log_count = loaded.log_count;
@@ -432,6 +473,7 @@ impl Actor for DocActor {
                 }
                 Err(e) => {
                     error!(doc = %act.name, error = %e, "cannot load document; it is not served");
+                    METRICS.storage_errors.inc();
                     act.failed = Some(e.to_string());
                     act.closing = true;
                     act.registry.remove(&act.name, &ctx.address());
@@ -469,11 +511,12 @@ impl Handler<Join> for DocActor {
                 awareness: HashSet::new(),
                 read_only: msg.read_only,
                 refused: 0,
+                synced_once: false,
             },
         );
-        self.send_to(msg.conn, step1, ctx);
+        self.send_to(msg.conn, step1, Kind::SyncStep1, ctx);
         if let Some(aw) = awareness {
-            self.send_to(msg.conn, aw, ctx);
+            self.send_to(msg.conn, aw, Kind::Awareness, ctx);
         }
         Ok(())
     }
@@ -497,5 +540,20 @@ impl Handler<Evict> for DocActor {
             debug!(doc = %self.name, "evicting idle document");
             self.try_stop(self.idle_epoch, ctx);
         }
+    }
+}
+
+impl Handler<GetStats> for DocActor {
+    type Result = MessageResult<GetStats>;
+
+    fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
+        MessageResult(DocStats {
+            connections: self.conns.len(),
+            queue_depths: self
+                .conns
+                .values()
+                .map(|c| c.tx.max_capacity() - c.tx.capacity())
+                .collect(),
+        })
     }
 }
