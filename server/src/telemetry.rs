@@ -161,7 +161,7 @@ impl Metrics {
         let refused = counter_vec(
             &r,
             "collab_updates_refused_total",
-            "Document updates refused, by reason.",
+            "Document changes refused, by reason: read_only, too_large, malformed (a frame that does not decode, or an update the document rejects).",
             "reason",
         );
         let messages_received = counter_vec(

@@ -25,7 +25,7 @@ use crate::counters::count;
 use crate::doc::actor::DocActor;
 use crate::doc::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing};
 use crate::doc::registry::{Registry, RegistryFull};
-use crate::telemetry::{Kind, METRICS};
+use crate::telemetry::{Kind, Refusal, METRICS};
 
 /// Most messages written before one flush (one `send` syscall) when several are queued.
 const WRITE_BATCH: usize = 64;
@@ -157,6 +157,7 @@ async fn handle_input<S: Io>(
             let messages = match decode_frame(&frame) {
                 Ok(m) => m,
                 Err(e) => {
+                    METRICS.update_refused(Refusal::Malformed);
                     warn!(error = %e, len = frame.len(), "closing connection: bad frame");
                     return close_with(protocol_close(&e));
                 }

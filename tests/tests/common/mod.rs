@@ -150,6 +150,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data: tempfile::TempDir,
     pub args: Vec<String>,
+    env: Vec<(String, String)>,
     log_path: PathBuf,
 }
 
@@ -160,13 +161,27 @@ impl Server {
 
     /// Starts with the open-file limit (soft and hard) set to `nofile`, like `ulimit -n`.
     pub fn start_with_nofile(args: &[&str], nofile: Option<u64>) -> Server {
+        Self::start_full(args, &[], nofile)
+    }
+
+    /// Starts with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_full(args, env, None)
+    }
+
+    fn start_full(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let data = tempfile::tempdir().expect("temp dir");
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let log_path = data.path().join("server.log");
         let (child, addr) = spawn(
             &data.path().join("db"),
             "127.0.0.1:0",
             &args,
+            &env,
             &log_path,
             nofile,
         );
@@ -175,6 +190,7 @@ impl Server {
             addr,
             data,
             args,
+            env,
             log_path,
         }
     }
@@ -231,12 +247,17 @@ impl Server {
 
     /// SIGTERM; asserts a clean exit.
     pub fn terminate(&mut self) {
-        let mut child = self.child.take().expect("server running");
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
+        self.terminate_wait();
+    }
+
+    /// Waits for a server that was sent SIGTERM to exit; asserts a clean exit.
+    pub fn terminate_wait(&mut self) {
+        let mut child = self.child.take().expect("server running");
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(st) = child.try_wait().expect("wait") {
@@ -265,6 +286,7 @@ impl Server {
             &self.db_path(),
             "127.0.0.1:0",
             &self.args,
+            &self.env,
             &self.log_path,
             None,
         );
@@ -296,6 +318,7 @@ fn spawn(
     db: &Path,
     addr: &str,
     args: &[String],
+    env: &[(String, String)],
     log: &Path,
     nofile: Option<u64>,
 ) -> (Child, SocketAddr) {
@@ -318,6 +341,7 @@ fn spawn(
         .arg("--data-dir")
         .arg(db)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(log_file)
