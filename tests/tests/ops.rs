@@ -234,7 +234,7 @@ async fn the_demo_is_served_compressed_with_an_etag() {
     let raw = |headers: &[(&str, &str)]| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(server.addr).unwrap();
-        let mut req = format!("GET /app.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        let mut req = String::from("GET /app.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
