@@ -14,8 +14,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
-use super::close::{close_frame, CloseReason};
-use super::metered::Metered;
+use super::close::{close_frame, ws_error_close};
+use super::metered::{is_budget_exhausted, Metered};
+use super::transport::{Ending, Gone, Inbound, InboundError, Transport};
 use crate::counters::count;
 
 /// Outgoing messages larger than this go out as continuation frames of this size, so the socket
@@ -66,9 +67,9 @@ pub type Ws<S> = WebSocketStream<Metered<S>>;
 
 /// Queues one binary message, fragmenting big ones. `feed` waits while tungstenite's buffer is
 /// over its write threshold, so a slow socket bounds what this connection holds.
-pub async fn feed_binary<S: Io>(ws: &mut Ws<S>, bytes: Bytes) -> Result<(), WsError> {
+async fn feed_binary<S: Io>(ws: &mut Ws<S>, bytes: Bytes) -> Result<(), WsError> {
     if bytes.len() <= FRAGMENT {
-        return ws.feed(Message::Binary(bytes)).await;
+        return SinkExt::feed(ws, Message::Binary(bytes)).await;
     }
     let mut offset = 0;
     while offset < bytes.len() {
@@ -79,23 +80,14 @@ pub async fn feed_binary<S: Io>(ws: &mut Ws<S>, bytes: Bytes) -> Result<(), WsEr
             OpCode::Data(Data::Continue)
         };
         let frame = Frame::message(bytes.slice(offset..end), opcode, end == bytes.len());
-        ws.feed(Message::Frame(frame)).await?;
+        SinkExt::feed(ws, Message::Frame(frame)).await?;
         offset = end;
     }
     Ok(())
 }
 
-/// How the socket ends.
-pub enum Ending {
-    /// Send the close frame (if any) and wait, bounded, for the client's.
-    Close(Option<CloseReason>),
-    /// The client is still sending a message that is too big: send the close frame, then
-    /// read and discard (bounded) so it sees the code rather than a reset.
-    Linger(CloseReason),
-}
-
 /// Closes the socket so the client sees the code, within bounded time whatever it does.
-pub async fn close<S: Io>(mut ws: Ws<S>, ending: Ending) {
+async fn close<S: Io>(mut ws: Ws<S>, ending: Ending) {
     let (why, linger) = match ending {
         Ending::Close(why) => (why, false),
         Ending::Linger(why) => (Some(why), true),
@@ -135,5 +127,55 @@ async fn drain<S: Io>(socket: &mut Metered<S>) {
             Ok(Ok(n)) if n > 0 => total += n as u64,
             _ => break,
         }
+    }
+}
+
+impl<S: Io> Transport for Ws<S> {
+    async fn recv(&mut self) -> Option<Result<Inbound, InboundError>> {
+        let msg = match self.next().await? {
+            Ok(msg) => msg,
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return None,
+            Err(WsError::Io(e)) if is_budget_exhausted(&e) => return Some(Err(InboundError::Busy)),
+            Err(WsError::Io(e)) => {
+                debug!(error = %e, "connection lost");
+                return Some(Err(InboundError::Gone));
+            }
+            Err(e @ WsError::Capacity(_)) => {
+                return Some(Err(InboundError::TooLarge(ws_error_close(&e))))
+            }
+            Err(e) => return Some(Err(InboundError::Refused(ws_error_close(&e)))),
+        };
+        Some(Ok(match msg {
+            Message::Binary(b) => Inbound::Binary(b),
+            Message::Text(_) => Inbound::Text,
+            Message::Ping(p) => Inbound::Ping(p),
+            Message::Pong(_) => Inbound::Pong,
+            Message::Close(_) => Inbound::Close,
+            // Raw frames are never produced when reading.
+            Message::Frame(_) => Inbound::Pong,
+        }))
+    }
+
+    async fn feed(&mut self, message: Bytes) -> Result<(), Gone> {
+        feed_binary(self, message).await.map_err(|_| Gone)
+    }
+
+    async fn flush(&mut self) -> Result<(), Gone> {
+        SinkExt::flush(self).await.map_err(|_| Gone)
+    }
+
+    async fn ping(&mut self) -> Result<(), Gone> {
+        self.send(Message::Ping(Bytes::new()))
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn pong(&mut self, _: Bytes) -> Result<(), Gone> {
+        // tungstenite queued the pong when it read the ping; flushing sends it now.
+        SinkExt::flush(self).await.map_err(|_| Gone)
+    }
+
+    async fn close(self, ending: Ending) {
+        close(self, ending).await
     }
 }

@@ -7,4 +7,5 @@ pub mod limits;
 pub mod metered;
 pub mod rate;
 pub mod session;
+pub mod transport;
 pub mod upgrade;

@@ -6,20 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::Addr;
-use actix_web::web::Bytes;
 use collab_crdt::decode_frame;
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::Message;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 use uuid::Uuid;
 
-use super::close::{protocol_close, reason, token_expired, ws_error_close, CloseCode, CloseReason};
-use super::io::{close, feed_binary, Ending, Io, Ws};
+use super::close::{protocol_close, reason, token_expired, CloseCode, CloseReason};
 use super::limits::SlotGuard;
-use super::metered::is_budget_exhausted;
 use super::rate::{RateLimit, Verdict};
+use super::transport::{Ending, Inbound, InboundError, Transport};
 use crate::auth::Access;
 use crate::counters::count;
 use crate::doc::actor::DocActor;
@@ -97,7 +92,7 @@ enum Event {
     Shutdown,
     Kicked(CloseReason),
     Out(Option<Outgoing>),
-    In(Option<Result<Message, WsError>>),
+    In(Option<Result<Inbound, InboundError>>),
     Heartbeat,
     Expired,
     Resume,
@@ -119,16 +114,16 @@ const GONE: Step = Step::End(Ending::Close(None));
 
 /// Writes `first` and everything already queued behind it with one flush: under load a reader
 /// costs one syscall per batch, not one per message.
-async fn write_queued<S: Io>(
-    ws: &mut Ws<S>,
+async fn write_queued<T: Transport>(
+    ws: &mut T,
     rx: &mut mpsc::Receiver<Outgoing>,
     first: Outgoing,
 ) -> Step {
-    let mut result = feed_binary(ws, (*first).clone()).await;
+    let mut result = ws.feed((*first).clone()).await;
     let mut n = 1;
     while result.is_ok() && n < WRITE_BATCH {
         let Ok(more) = rx.try_recv() else { break };
-        result = feed_binary(ws, (*more).clone()).await;
+        result = ws.feed((*more).clone()).await;
         n += 1;
     }
     if result.is_err() || ws.flush().await.is_err() {
@@ -146,14 +141,14 @@ struct Input<'a> {
     rate: RateLimit,
 }
 
-async fn handle_input<S: Io>(
-    msg: Option<Result<Message, WsError>>,
-    ws: &mut Ws<S>,
+async fn handle_input<T: Transport>(
+    msg: Option<Result<Inbound, InboundError>>,
+    ws: &mut T,
     input: &mut Input<'_>,
 ) -> Step {
     match msg {
         None => GONE,
-        Some(Ok(Message::Binary(frame))) => {
+        Some(Ok(Inbound::Binary(frame))) => {
             let messages = match decode_frame(&frame) {
                 Ok(m) => m,
                 Err(e) => {
@@ -194,44 +189,37 @@ async fn handle_input<S: Io>(
                 Err(_) => close_with(input.kick.reason()),
             }
         }
-        // tungstenite queues the pong itself; flushing sends it now.
-        Some(Ok(Message::Ping(_))) => match ws.flush().await {
+        Some(Ok(Inbound::Ping(payload))) => match ws.pong(payload).await {
             Ok(()) => Step::Continue,
             Err(_) => GONE,
         },
-        Some(Ok(Message::Pong(_))) => {
+        Some(Ok(Inbound::Pong)) => {
             input.awaiting_pong = false;
             Step::Continue
         }
-        Some(Ok(Message::Text(_))) => {
+        Some(Ok(Inbound::Text)) => {
             warn!("closing connection: text frame");
             close_with(reason(
                 CloseCode::Unsupported,
                 "the protocol uses binary frames only",
             ))
         }
-        Some(Ok(Message::Close(_))) => GONE,
-        Some(Ok(Message::Frame(_))) => Step::Continue,
-        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => GONE,
-        Some(Err(WsError::Io(e))) if is_budget_exhausted(&e) => {
+        Some(Ok(Inbound::Close)) | Some(Err(InboundError::Gone)) => GONE,
+        Some(Err(InboundError::Busy)) => {
             warn!("closing connection: no room for another large incoming message");
             close_with(reason(
                 CloseCode::Again,
                 "the server is receiving too many large messages, retry later",
             ))
         }
-        Some(Err(WsError::Io(e))) => {
-            debug!(error = %e, "connection lost");
-            GONE
-        }
-        Some(Err(e @ WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+        Some(Err(InboundError::TooLarge(why))) => {
             count(|c| &c.oversized_messages);
-            warn!(error = %e, "closing connection: message too large");
-            Step::End(Ending::Linger(ws_error_close(&e)))
+            warn!(reason = ?why.description, "closing connection: message too large");
+            Step::End(Ending::Linger(why))
         }
-        Some(Err(e)) => {
-            warn!(error = %e, "closing connection: websocket error");
-            close_with(ws_error_close(&e))
+        Some(Err(InboundError::Refused(why))) => {
+            warn!(reason = ?why.description, "closing connection: websocket error");
+            close_with(why)
         }
     }
 }
@@ -261,8 +249,8 @@ impl Drop for OpenConnection {
 }
 
 /// Serves one WebSocket until either side closes it.
-pub async fn run<S: Io>(
-    mut ws: Ws<S>,
+pub async fn run<T: Transport>(
+    mut ws: T,
     admitted: Admitted,
     registry: Registry,
     mut shutdown: watch::Receiver<bool>,
@@ -297,7 +285,7 @@ pub async fn run<S: Io>(
             Ok(addr) => addr,
             Err(why) => {
                 warn!(reason = ?why.description, "could not join document");
-                Box::pin(close(ws, Ending::Close(Some(why)))).await;
+                Box::pin(ws.close(Ending::Close(Some(why)))).await;
                 return;
             }
         };
@@ -336,7 +324,7 @@ pub async fn run<S: Io>(
                 _ = shutdown.changed() => Event::Shutdown,
                 why = &mut kicked => Event::Kicked(why),
                 out = rx.recv() => Event::Out(out),
-                msg = ws.next(), if !paused => Event::In(msg),
+                msg = ws.recv(), if !paused => Event::In(msg),
                 _ = heartbeat.tick() => Event::Heartbeat,
                 _ = &mut expiry, if access.expires_at.is_some() => Event::Expired,
                 _ = &mut resume, if paused => Event::Resume,
@@ -366,7 +354,7 @@ pub async fn run<S: Io>(
                         close_with(reason(CloseCode::Away, "heartbeat timeout"))
                     } else {
                         input.awaiting_pong = true;
-                        match ws.send(Message::Ping(Bytes::new())).await {
+                        match ws.ping().await {
                             Ok(()) => Step::Continue,
                             Err(_) => GONE,
                         }
@@ -386,10 +374,7 @@ pub async fn run<S: Io>(
         // The per-IP and per-document places are free once the document has let go; the
         // close handshake below may take seconds with a slow peer.
         drop(slot);
-        let why = match &ending {
-            Ending::Close(why) => why.as_ref(),
-            Ending::Linger(why) => Some(why),
-        };
+        let why = ending.reason();
         METRICS.connection_closed(why.map(|c| u16::from(c.code)));
         info!(
             // None: the client closed, or the socket was lost.
@@ -398,7 +383,7 @@ pub async fn run<S: Io>(
             duration_ms = opened.elapsed().as_millis() as u64,
             "connection closed"
         );
-        Box::pin(close(ws, ending)).await;
+        Box::pin(ws.close(ending)).await;
     }
     .instrument(span)
     .await
