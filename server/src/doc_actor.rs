@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientID, ClientMessage, Document, DocumentError, StateVector};
-use collab_storage::{Store, StoreError};
+use collab_storage::{CompactionPolicy, Store, StoreError};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
@@ -129,6 +129,7 @@ struct Loaded {
     next_seq: u64,
     log_count: u64,
     log_bytes: u64,
+    snapshot_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,7 @@ fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
         next_seq: stored.next_seq(),
         log_count: stored.log.len() as u64,
         log_bytes: stored.log_bytes(),
+        snapshot_bytes: stored.snapshot_bytes(),
     })
 }
 
@@ -165,6 +167,7 @@ pub struct DocActor {
     next_seq: u64,
     log_count: u64,
     log_bytes: u64,
+    snapshot_bytes: u64,
     pending: Vec<Pending>,
     /// How many `pending` entries the flush in flight covers.
     flushing: Option<usize>,
@@ -191,6 +194,7 @@ impl DocActor {
             next_seq: 0,
             log_count: 0,
             log_bytes: 0,
+            snapshot_bytes: 0,
             pending: Vec::new(),
             flushing: None,
             compacting: false,
@@ -294,10 +298,8 @@ impl DocActor {
     fn became_idle(&mut self, ctx: &mut Context<Self>) {
         self.idle_epoch += 1;
         let epoch = self.idle_epoch;
-        // Persist a compact snapshot now, so the next load is one read.
-        if self.log_count > 0 {
-            self.compact(ctx);
-        }
+        // The log is durable as it is; a snapshot is rewritten only when the log is worth it.
+        self.maybe_compact(ctx);
         let grace = self.registry.config().grace_period();
         ctx.run_later(grace, move |act, ctx| act.try_stop(epoch, ctx));
     }
@@ -394,8 +396,11 @@ impl DocActor {
 
     fn maybe_compact(&mut self, ctx: &mut Context<Self>) {
         let cfg = self.registry.config();
-        if self.log_count >= cfg.compact_after_updates || self.log_bytes >= cfg.compact_after_bytes
-        {
+        let policy = CompactionPolicy {
+            after_updates: cfg.compact_after_updates,
+            after_bytes: cfg.compact_after_bytes,
+        };
+        if policy.due(self.snapshot_bytes, self.log_count, self.log_bytes) {
             self.compact(ctx);
         }
     }
@@ -427,6 +432,7 @@ impl DocActor {
                     Ok(Ok(())) => {
                         act.log_count -= count;
                         act.log_bytes -= bytes;
+                        act.snapshot_bytes = snapshot_len as u64;
                         info!(doc = %act.name, entries = count, log_bytes = bytes, snapshot_bytes = snapshot_len, "compacted");
                     }
                     // The log is still intact, so nothing is lost; the next trigger retries.
@@ -571,6 +577,7 @@ impl Actor for DocActor {
                     act.next_seq = loaded.next_seq;
                     act.log_count = loaded.log_count;
                     act.log_bytes = loaded.log_bytes;
+                    act.snapshot_bytes = loaded.snapshot_bytes;
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }
