@@ -365,6 +365,12 @@ impl Wal {
         let _serial = lock(&self.flush_lock);
         let file = lock(&self.inner).write(&self.dir)?;
         let Some(file) = file else {
+            // Nothing new, and every earlier write was synced by its own flush: segments
+            // emptied before (by a snapshot record replayed at open, say) can go now.
+            let durable = lock(&self.inner).generation;
+            if let Err(e) = self.reclaim(durable) {
+                warn!(error = %e, "could not reclaim log space");
+            }
             return Ok(());
         };
         if let Err(e) = file.sync_data() {

@@ -53,9 +53,8 @@ async fn assert_damage_reported(server: &mut Server, texts: &[String]) {
     let damaged: Vec<&str> = DOCS
         .into_iter()
         .filter(|doc| {
-            log.lines().any(|l| {
-                l.contains("stored data is damaged") && l.contains(&format!("\"{doc}\""))
-            })
+            log.lines()
+                .any(|l| l.contains("stored data is damaged") && l.contains(&format!("\"{doc}\"")))
         })
         .collect();
     assert!(

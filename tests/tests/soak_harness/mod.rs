@@ -259,10 +259,11 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
         }
         if cfg.verbose {
             println!(
-                "round {round:>4}  {:>6.1}s  echoed {echoed_total:>8}  lost {:>4}  data {:>8.2} MB  encoded {:>8.2} MB",
+                "round {round:>4}  {:>6.1}s  echoed {echoed_total:>8}  lost {:>4}  data {:>8.2} MB (log {:>5.2})  encoded {:>8.2} MB",
                 started.elapsed().as_secs_f64(),
                 report.lost_edits,
                 size as f64 / 1e6,
+                dir_size(&server.db_path().join("wal")) as f64 / 1e6,
                 encoded as f64 / 1e6,
             );
         }
