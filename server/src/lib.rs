@@ -277,20 +277,20 @@ fn bind_listeners(addr: &str) -> std::io::Result<Vec<std::net::TcpListener>> {
     }
 }
 
-/// Checks every stored document's metadata at start-up so a damaged record is reported by name
-/// right away instead of when somebody opens it.
+/// Reports, by name, every document the store found damaged when it opened (it checks the
+/// write-ahead log and each snapshot's record in it), so damage is known right away instead of
+/// when somebody opens the document. Damaged documents are not served.
 fn report_stored_documents(store: &SledStore) {
+    let damage = store.damage_at_open();
+    for d in damage {
+        error!(doc = d.doc.as_deref().unwrap_or("-"), damage = %d.what, "stored data is damaged; a damaged document is not served");
+    }
     match store.list() {
-        Ok(names) => {
-            let mut damaged = 0;
-            for name in &names {
-                if let Err(e) = store.meta(name) {
-                    damaged += 1;
-                    error!(doc = %name, error = %e, "stored document is damaged; it will not be served");
-                }
-            }
-            info!(documents = names.len(), damaged, "storage opened");
-        }
+        Ok(names) => info!(
+            documents = names.len(),
+            damaged = damage.len(),
+            "storage opened"
+        ),
         Err(e) => warn!(error = %e, "cannot list stored documents"),
     }
 }

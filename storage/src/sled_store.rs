@@ -1,17 +1,28 @@
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sled::{Batch, Db, IVec};
+use serde::{Deserialize, Serialize};
+use sled::{Batch, Db};
+use tracing::info;
 
-use crate::{DocMeta, Store, StoreError, StoredDoc, FORMAT_VERSION};
+use crate::recovery::Mark;
+use crate::wal::Wal;
+use crate::{Damage, DocMeta, Store, StoreError, StoredDoc, FORMAT_VERSION};
 
-// One sled tree holds everything so that a compaction (snapshot + log trim + metadata) is a
-// single atomic batch. Keys: a record kind byte, the document name length-prefixed (so one name
-// is never a prefix of another's keys), then for log entries the big-endian sequence number so
-// that sled's key order is the application order.
+// One sled tree. Keys: a record kind byte, the document name length-prefixed (so one name is
+// never a prefix of another's keys), then for chunks the big-endian chunk index so that sled's
+// key order is the snapshot's byte order.
 const META: u8 = b'm';
-const SNAPSHOT: u8 = b's';
-const LOG: u8 = b'u';
+const CHUNK: u8 = b'c';
+// Format 1 kept the snapshot as one value and the log in sled; read only to convert.
+const V1_SNAPSHOT: u8 = b's';
+const V1_LOG: u8 = b'u';
+
+/// Sled writes any page larger than a quarter of its 512 KiB segment to a separate blob file,
+/// rewritten whole on every change and leaked when the process dies at the wrong moment. A leaf
+/// holds up to 17 entries before it splits, so 4 KiB chunks keep every page far below that.
+const CHUNK_SIZE: usize = 4096;
 
 fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
     let len = u16::try_from(doc.len()).map_err(|_| StoreError::NameTooLong(doc.len()))?;
@@ -22,10 +33,16 @@ fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
     Ok(key)
 }
 
-fn log_key(doc: &str, seq: u64) -> Result<Vec<u8>, StoreError> {
-    let mut key = doc_key(LOG, doc)?;
-    key.extend_from_slice(&seq.to_be_bytes());
+fn chunk_key(doc: &str, index: u32) -> Result<Vec<u8>, StoreError> {
+    let mut key = doc_key(CHUNK, doc)?;
+    key.extend_from_slice(&index.to_be_bytes());
     Ok(key)
+}
+
+fn name_of(key: &[u8]) -> Option<String> {
+    key.get(3..)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .map(str::to_owned)
 }
 
 fn now_ms() -> u64 {
@@ -38,12 +55,33 @@ fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
+/// The format version every metadata record starts with.
+fn format_of(raw: &[u8]) -> Option<u32> {
+    bincode::serde::decode_from_slice::<u32, _>(raw, bincode_config())
+        .ok()
+        .map(|(v, _)| v)
+}
+
+fn corrupt(doc: &str, what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        doc: doc.to_owned(),
+        what: what.into(),
+    }
+}
+
 fn decode_meta(doc: &str, raw: &[u8]) -> Result<DocMeta, StoreError> {
+    match format_of(raw) {
+        Some(FORMAT_VERSION) => {}
+        Some(found) if found > FORMAT_VERSION => {
+            return Err(StoreError::UnsupportedFormat {
+                doc: doc.to_owned(),
+                found,
+            })
+        }
+        _ => {}
+    }
     let (meta, _): (DocMeta, usize) = bincode::serde::decode_from_slice(raw, bincode_config())
-        .map_err(|e| StoreError::Corrupt {
-            doc: doc.to_owned(),
-            what: format!("metadata: {e}"),
-        })?;
+        .map_err(|e| corrupt(doc, format!("metadata: {e}")))?;
     if meta.format_version != FORMAT_VERSION {
         return Err(StoreError::UnsupportedFormat {
             doc: doc.to_owned(),
@@ -58,57 +96,206 @@ fn encode_meta(meta: &DocMeta) -> Vec<u8> {
     bincode::serde::encode_to_vec(meta, bincode_config()).expect("DocMeta encodes")
 }
 
-/// The embedded default store: a sled database in a local folder.
+/// The metadata record of format 1.
+#[derive(Deserialize, Serialize)]
+struct DocMetaV1 {
+    format_version: u32,
+    created_at_ms: u64,
+    snapshot_upto: u64,
+    snapshot_bytes: u64,
+    snapshot_at_ms: u64,
+    compactions: u64,
+}
+
+fn mark_of(meta: &DocMeta) -> Mark {
+    Mark {
+        upto: meta.snapshot_upto,
+        len: meta.snapshot_bytes,
+        crc: meta.snapshot_crc32,
+    }
+}
+
+/// The embedded default store: a folder holding a sled database (snapshots and metadata) and
+/// the write-ahead log in `wal/`.
 pub struct SledStore {
     db: Db,
+    wal: Wal,
+    /// Found damaged when opened: never served.
+    damaged: BTreeMap<String, String>,
+    opened_damage: Vec<Damage>,
 }
 
 impl SledStore {
+    /// Opens (or creates) the store, recovering the log and checking it against sled: damage is
+    /// logged, kept in [`SledStore::damage_at_open`], and its documents refuse to load.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
         let db = sled::Config::new()
             .path(path)
-            // Durability comes from explicit, grouped flushes; sled's timer flush would only add
-            // fsyncs that nobody waits for.
+            // Sled only holds snapshots now, each flushed by its compaction; a timer flush
+            // would only add fsyncs that nobody waits for.
             .flush_every_ms(None)
             .open()?;
-        Ok(SledStore { db })
+        let (wal, mut damage) = Wal::open(&path.join("wal"))?;
+        let mut store = SledStore {
+            db,
+            wal,
+            damaged: BTreeMap::new(),
+            opened_damage: Vec::new(),
+        };
+        store.convert_format_1()?;
+        damage.extend(store.cross_check(false)?);
+        store.wal.flush()?;
+        damage.sort();
+        damage.dedup();
+        for d in &damage {
+            if let Some(doc) = &d.doc {
+                store.damaged.entry(doc.clone()).or_insert(d.what.clone());
+            }
+        }
+        store.opened_damage = damage;
+        Ok(store)
     }
 
-    /// Bytes sled occupies on disk.
+    /// Damage found while opening, sorted; its documents are not served.
+    pub fn damage_at_open(&self) -> &[Damage] {
+        &self.opened_damage
+    }
+
+    /// Bytes the store occupies on disk: sled's files and the log's segments.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.db.size_on_disk()? + self.wal.size().0)
     }
 
-    fn log_prefix(doc: &str) -> Result<Vec<u8>, StoreError> {
-        doc_key(LOG, doc)
+    fn read_snapshot(&self, doc: &str, meta: &DocMeta) -> Result<Vec<u8>, StoreError> {
+        let mut snapshot = Vec::with_capacity(meta.snapshot_bytes as usize);
+        let mut chunks = 0u32;
+        for item in self.db.scan_prefix(doc_key(CHUNK, doc)?) {
+            let (_, value) = item?;
+            snapshot.extend_from_slice(&value);
+            chunks += 1;
+        }
+        if chunks != meta.snapshot_chunks
+            || snapshot.len() as u64 != meta.snapshot_bytes
+            || crc32fast::hash(&snapshot) != meta.snapshot_crc32
+        {
+            return Err(corrupt(
+                doc,
+                format!(
+                    "snapshot of {} bytes in {chunks} chunks does not match its metadata ({} bytes, \
+                     {} chunks, CRC32 {:08x})",
+                    snapshot.len(),
+                    meta.snapshot_bytes,
+                    meta.snapshot_chunks,
+                    meta.snapshot_crc32
+                ),
+            ));
+        }
+        Ok(snapshot)
     }
-}
 
-impl Store for SledStore {
-    fn load(&self, doc: &str) -> Result<StoredDoc, StoreError> {
-        let meta = match self.db.get(doc_key(META, doc)?)? {
-            Some(raw) => Some(decode_meta(doc, &raw)?),
+    /// Checks sled's snapshots against what the log records of them, and that each document's
+    /// log continues exactly where its snapshot ends. On open (`deep == false`) it also
+    /// re-records a snapshot that sled holds but the log does not know of yet (the process died
+    /// between the two writes). `deep` also reads every snapshot and log entry.
+    fn cross_check(&self, deep: bool) -> Result<Vec<Damage>, StoreError> {
+        let mut damage = Vec::new();
+        let mut report = |doc: &str, what: String| {
+            damage.push(Damage {
+                doc: Some(doc.to_owned()),
+                what,
+            })
+        };
+        let mut unattributed = Vec::new();
+        let logs = self.wal.documents();
+        let mut names: BTreeSet<String> = logs.keys().cloned().collect();
+        for item in self.db.scan_prefix([META]) {
+            match item {
+                Ok((key, _)) => names.extend(name_of(&key)),
+                Err(e) => unattributed.push(Damage {
+                    doc: None,
+                    what: format!("sled cannot list its metadata: {e}"),
+                }),
+            }
+        }
+        for name in names {
+            let (seqs, mark) = logs.get(&name).cloned().unwrap_or_default();
+            let meta = match self.meta(&name) {
+                Ok(m) => m,
+                Err(e) => {
+                    report(&name, e.to_string());
+                    continue;
+                }
+            };
+            let upto = match (&meta, mark) {
+                (None, None) => 0,
+                (None, Some(m)) => {
+                    report(
+                        &name,
+                        format!(
+                            "sled lost the snapshot up to {} that the log records",
+                            m.upto
+                        ),
+                    );
+                    continue;
+                }
+                (Some(meta), Some(m)) if meta.snapshot_upto == m.upto && mark_of(meta) != m => {
+                    report(
+                        &name,
+                        format!(
+                            "sled's snapshot up to {} differs from the one the log records",
+                            m.upto
+                        ),
+                    );
+                    continue;
+                }
+                (Some(meta), Some(m)) if meta.snapshot_upto < m.upto => {
+                    report(&name, format!("sled holds the snapshot up to {}, the log records a newer one up to {}", meta.snapshot_upto, m.upto));
+                    continue;
+                }
+                (Some(meta), m) => {
+                    if !deep && m != Some(mark_of(meta)) {
+                        self.wal.append_snapshot(&name, mark_of(meta))?;
+                    }
+                    meta.snapshot_upto
+                }
+            };
+            let mut expected = upto;
+            for seq in seqs.into_iter().filter(|s| *s >= upto) {
+                if seq != expected {
+                    report(&name, format!("log entries {expected}..{seq} are missing"));
+                }
+                expected = seq + 1;
+            }
+            if deep {
+                if let Err(e) = self.load_unchecked(&name) {
+                    report(&name, e.to_string());
+                }
+            }
+        }
+        damage.extend(unattributed);
+        Ok(damage)
+    }
+
+    fn load_unchecked(&self, doc: &str) -> Result<StoredDoc, StoreError> {
+        let meta = self.meta(doc)?;
+        let (mut log, mark) = self.wal.read(doc)?;
+        let snapshot = match &meta {
+            Some(m) => Some(self.read_snapshot(doc, m)?),
+            None if mark.is_some() => return Err(corrupt(doc, "sled lost the snapshot")),
             None => None,
         };
-        let snapshot = self.db.get(doc_key(SNAPSHOT, doc)?)?.map(|v| v.to_vec());
-        let prefix = Self::log_prefix(doc)?;
-        let mut log = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
-            let (key, value) = item?;
-            let seq_bytes: [u8; 8] =
-                key[prefix.len()..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt {
-                        doc: doc.to_owned(),
-                        what: format!("log key of {} bytes", key.len()),
-                    })?;
-            log.push((u64::from_be_bytes(seq_bytes), value.to_vec()));
-        }
-        if snapshot.is_some() && meta.is_none() {
-            return Err(StoreError::Corrupt {
-                doc: doc.to_owned(),
-                what: "snapshot without metadata".into(),
-            });
+        let upto = meta.as_ref().map_or(0, |m| m.snapshot_upto);
+        log.retain(|(seq, _)| *seq >= upto);
+        if let Some((i, (seq, _))) = log
+            .iter()
+            .enumerate()
+            .find(|(i, (seq, _))| *seq != upto + *i as u64)
+        {
+            return Err(corrupt(
+                doc,
+                format!("log entries {}..{seq} are missing", upto + i as u64),
+            ));
         }
         Ok(StoredDoc {
             meta,
@@ -117,75 +304,137 @@ impl Store for SledStore {
         })
     }
 
-    fn append(&self, doc: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
-        let meta_key = doc_key(META, doc)?;
-        if seq == 0 && !self.db.contains_key(&meta_key)? {
-            // The metadata record is what `list` enumerates; write it with the first update.
-            let meta = DocMeta {
-                format_version: FORMAT_VERSION,
-                created_at_ms: now_ms(),
-                snapshot_upto: 0,
-                snapshot_bytes: 0,
-                snapshot_at_ms: 0,
-                compactions: 0,
-            };
-            let mut batch = Batch::default();
-            batch.insert(meta_key, encode_meta(&meta));
-            batch.insert(log_key(doc, seq)?, update);
-            self.db.apply_batch(batch)?;
-            return Ok(());
+    /// Moves documents stored by format 1 into this layout: log entries into the write-ahead
+    /// log, the snapshot into chunks. Safe to repeat if interrupted: a document is converted by
+    /// one sled batch, and log entries appended twice are the same entries.
+    fn convert_format_1(&self) -> Result<(), StoreError> {
+        let mut old = Vec::new();
+        for item in self.db.scan_prefix([META]) {
+            let (key, raw) = item?;
+            if format_of(&raw) == Some(1) {
+                let name = name_of(&key).ok_or_else(|| corrupt("?", "metadata key"))?;
+                let (meta, _): (DocMetaV1, usize) =
+                    bincode::serde::decode_from_slice(&raw, bincode_config())
+                        .map_err(|e| corrupt(&name, format!("format 1 metadata: {e}")))?;
+                old.push((name, meta));
+            }
         }
-        self.db.insert(log_key(doc, seq)?, update)?;
+        for (doc, v1) in &old {
+            let mut batch = Batch::default();
+            let prefix = doc_key(V1_LOG, doc)?;
+            for item in self.db.scan_prefix(&prefix) {
+                let (key, value) = item?;
+                let seq = key[prefix.len()..]
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| corrupt(doc, "format 1 log key"))?;
+                self.wal.append_update(doc, seq, &value)?;
+                batch.remove(key);
+            }
+            self.wal.flush()?;
+            let snapshot_key = doc_key(V1_SNAPSHOT, doc)?;
+            let snapshot = self.db.get(&snapshot_key)?;
+            batch.remove(snapshot_key);
+            batch.remove(doc_key(META, doc)?);
+            let meta = match &snapshot {
+                Some(s) => {
+                    let staged = self.stage_snapshot(&mut batch, doc, s, v1.snapshot_upto, None)?;
+                    let meta = DocMeta {
+                        created_at_ms: v1.created_at_ms,
+                        compactions: v1.compactions,
+                        ..staged
+                    };
+                    batch.insert(doc_key(META, doc)?, encode_meta(&meta));
+                    Some(meta)
+                }
+                None => None,
+            };
+            self.db.apply_batch(batch)?;
+            self.db.flush()?;
+            if let Some(meta) = meta {
+                self.wal.append_snapshot(doc, mark_of(&meta))?;
+            }
+        }
+        if !old.is_empty() {
+            self.wal.flush()?;
+            info!(
+                documents = old.len(),
+                "converted stored documents from format 1"
+            );
+        }
         Ok(())
+    }
+
+    /// Adds the chunks and metadata of a new snapshot to `batch`, removing chunks of the old one
+    /// that the new one does not overwrite.
+    fn stage_snapshot(
+        &self,
+        batch: &mut Batch,
+        doc: &str,
+        snapshot: &[u8],
+        upto: u64,
+        previous: Option<&DocMeta>,
+    ) -> Result<DocMeta, StoreError> {
+        let now = now_ms();
+        let chunks = snapshot.chunks(CHUNK_SIZE).count() as u32;
+        let meta = DocMeta {
+            format_version: FORMAT_VERSION,
+            created_at_ms: previous.map_or(now, |m| m.created_at_ms),
+            snapshot_upto: upto.max(previous.map_or(0, |m| m.snapshot_upto)),
+            snapshot_bytes: snapshot.len() as u64,
+            snapshot_at_ms: now,
+            compactions: previous.map_or(0, |m| m.compactions) + 1,
+            snapshot_crc32: crc32fast::hash(snapshot),
+            snapshot_chunks: chunks,
+        };
+        for (i, chunk) in snapshot.chunks(CHUNK_SIZE).enumerate() {
+            batch.insert(chunk_key(doc, i as u32)?, chunk);
+        }
+        let prefix = doc_key(CHUNK, doc)?;
+        let mut end = prefix.clone();
+        end.extend_from_slice(&[0xff; 5]);
+        for item in self.db.range(chunk_key(doc, chunks)?..end) {
+            batch.remove(item?.0);
+        }
+        batch.insert(doc_key(META, doc)?, encode_meta(&meta));
+        Ok(meta)
+    }
+}
+
+impl Store for SledStore {
+    fn load(&self, doc: &str) -> Result<StoredDoc, StoreError> {
+        if let Some(what) = self.damaged.get(doc) {
+            return Err(corrupt(doc, what.clone()));
+        }
+        self.load_unchecked(doc)
+    }
+
+    fn append(&self, doc: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+        doc_key(META, doc)?;
+        self.wal.append_update(doc, seq, update)
     }
 
     fn compact(&self, doc: &str, snapshot: &[u8], upto: u64) -> Result<(), StoreError> {
-        let meta_key = doc_key(META, doc)?;
-        let previous = match self.db.get(&meta_key)? {
-            Some(raw) => Some(decode_meta(doc, &raw)?),
-            None => None,
-        };
-        let now = now_ms();
-        let meta = DocMeta {
-            format_version: FORMAT_VERSION,
-            created_at_ms: previous.as_ref().map_or(now, |m| m.created_at_ms),
-            snapshot_upto: upto.max(previous.as_ref().map_or(0, |m| m.snapshot_upto)),
-            snapshot_bytes: snapshot.len() as u64,
-            snapshot_at_ms: now,
-            compactions: previous.as_ref().map_or(0, |m| m.compactions) + 1,
-        };
+        let previous = self.meta(doc)?;
         let mut batch = Batch::default();
-        batch.insert(meta_key, encode_meta(&meta));
-        batch.insert(doc_key(SNAPSHOT, doc)?, snapshot);
-        let start = log_key(doc, 0)?;
-        let end = log_key(doc, upto)?;
-        for item in self.db.range(start..end) {
-            let (key, _) = item?;
-            batch.remove(key);
-        }
+        let meta = self.stage_snapshot(&mut batch, doc, snapshot, upto, previous.as_ref())?;
         self.db.apply_batch(batch)?;
-        Ok(())
+        // The log may drop entries only once the snapshot replacing them is durable.
+        self.db.flush()?;
+        self.wal.append_snapshot(doc, mark_of(&meta))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.wal.flush()
     }
 
     fn list(&self) -> Result<Vec<String>, StoreError> {
-        let mut names = Vec::new();
+        let mut names: BTreeSet<String> = self.wal.documents().into_keys().collect();
         for item in self.db.scan_prefix([META]) {
-            let (key, _): (IVec, IVec) = item?;
-            let name = key
-                .get(3..)
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    doc: String::from_utf8_lossy(&key).into_owned(),
-                    what: "metadata key is not a document name".into(),
-                })?;
-            names.push(name.to_owned());
+            let (key, _) = item?;
+            names.insert(name_of(&key).ok_or_else(|| corrupt("?", "metadata key is not a name"))?);
         }
-        Ok(names)
+        Ok(names.into_iter().collect())
     }
 
     fn meta(&self, doc: &str) -> Result<Option<DocMeta>, StoreError> {
@@ -197,94 +446,27 @@ impl Store for SledStore {
 
     fn delete(&self, doc: &str) -> Result<bool, StoreError> {
         let meta_key = doc_key(META, doc)?;
-        let existed = self.db.contains_key(&meta_key)?;
+        let existed = self.db.contains_key(&meta_key)? || self.wal.documents().contains_key(doc);
         let mut batch = Batch::default();
         batch.remove(meta_key);
-        batch.remove(doc_key(SNAPSHOT, doc)?);
-        for item in self.db.scan_prefix(Self::log_prefix(doc)?) {
-            let (key, _) = item?;
-            batch.remove(key);
+        for item in self.db.scan_prefix(doc_key(CHUNK, doc)?) {
+            batch.remove(item?.0);
         }
         self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        self.wal.append_delete(doc)?;
         Ok(existed)
+    }
+
+    fn check(&self) -> Result<Vec<Damage>, StoreError> {
+        let mut damage = self.wal.check()?;
+        damage.extend(self.cross_check(true)?);
+        damage.sort();
+        damage.dedup();
+        Ok(damage)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn append_load_compact_roundtrip_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = SledStore::open(dir.path()).unwrap();
-            for seq in 0..10u64 {
-                store.append("doc", seq, &[seq as u8; 3]).unwrap();
-            }
-            store.append("doc-2", 0, b"other").unwrap();
-            store.flush().unwrap();
-        }
-        let store = SledStore::open(dir.path()).unwrap();
-        let stored = store.load("doc").unwrap();
-        assert_eq!(stored.log.len(), 10);
-        assert_eq!(stored.log[3], (3, vec![3u8; 3]));
-        assert_eq!(stored.next_seq(), 10);
-        assert_eq!(stored.log_bytes(), 30);
-
-        store.compact("doc", b"snap", 7).unwrap();
-        let stored = store.load("doc").unwrap();
-        assert_eq!(stored.snapshot.as_deref(), Some(&b"snap"[..]));
-        assert_eq!(
-            stored.log.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
-            vec![7, 8, 9]
-        );
-        let meta = stored.meta.unwrap();
-        assert_eq!((meta.snapshot_upto, meta.compactions), (7, 1));
-
-        // Compacting everything keeps the sequence moving forward.
-        store.compact("doc", b"snap2", 10).unwrap();
-        let stored = store.load("doc").unwrap();
-        assert!(stored.log.is_empty());
-        assert_eq!(stored.next_seq(), 10);
-
-        let mut names = store.list().unwrap();
-        names.sort();
-        assert_eq!(names, vec!["doc", "doc-2"]);
-        assert_eq!(
-            store.load("doc-2").unwrap().log,
-            vec![(0, b"other".to_vec())]
-        );
-        assert!(store.load("missing").unwrap().log.is_empty());
-
-        assert!(store.delete("doc").unwrap());
-        assert!(store.load("doc").unwrap().snapshot.is_none());
-        assert_eq!(store.list().unwrap(), vec!["doc-2"]);
-    }
-
-    #[test]
-    fn names_that_prefix_each_other_stay_apart() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        store.append("a", 0, b"1").unwrap();
-        store.append("ab", 0, b"2").unwrap();
-        assert_eq!(store.load("a").unwrap().log, vec![(0, b"1".to_vec())]);
-        assert_eq!(store.load("ab").unwrap().log, vec![(0, b"2".to_vec())]);
-    }
-
-    #[test]
-    fn corrupt_metadata_is_reported_with_the_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        store.append("good", 0, b"x").unwrap();
-        store
-            .db
-            .insert(doc_key(META, "bad").unwrap(), &[0xff, 0xff, 0xff][..])
-            .unwrap();
-        match store.load("bad") {
-            Err(StoreError::Corrupt { doc, .. }) => assert_eq!(doc, "bad"),
-            other => panic!("expected corruption error, got {other:?}"),
-        }
-        assert_eq!(store.load("good").unwrap().log.len(), 1);
-    }
-}
+#[path = "sled_store_tests.rs"]
+mod tests;

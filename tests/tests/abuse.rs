@@ -17,6 +17,10 @@ use yrs::sync::protocol::{Message, SyncMessage};
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, StateVector, Text, Transact};
 
+/// The latency test runs alone: the other tests here push hundreds of megabytes through
+/// loopback, which on a 2-core machine would measure them rather than the flood.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -50,6 +54,7 @@ async fn relay_latencies(
 
 #[tokio::test]
 async fn a_flooding_client_does_not_degrade_the_others() {
+    let _alone = ALONE.write().await;
     let server = Server::start(&[
         "--rate-limit-messages",
         "200",
@@ -142,6 +147,7 @@ async fn a_flooding_client_does_not_degrade_the_others() {
 
 #[tokio::test]
 async fn pasting_a_large_document_works_with_the_default_limits() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&[]);
     let a = synced_client(&server.url("paste")).await;
     let b = synced_client(&server.url("paste")).await;
@@ -157,6 +163,7 @@ async fn pasting_a_large_document_works_with_the_default_limits() {
 
 #[tokio::test]
 async fn repeated_sync_requests_cannot_amplify() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&[
         "--rate-limit-bytes",
         "1048576",
@@ -214,6 +221,7 @@ async fn repeated_sync_requests_cannot_amplify() {
 
 #[tokio::test]
 async fn a_document_cannot_grow_past_its_limit() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&["--max-document-bytes", "100000"]);
     let a = synced_client(&server.url("capped")).await;
     let b = synced_client(&server.url("capped")).await;
@@ -233,6 +241,7 @@ async fn a_document_cannot_grow_past_its_limit() {
 
 #[tokio::test]
 async fn a_huge_awareness_state_closes_with_1009() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&["--max-awareness-bytes", "65536"]);
     let watcher = synced_client(&server.url("aw")).await;
     let mut c = synced_client(&server.url("aw")).await;
@@ -311,6 +320,7 @@ async fn send_big_frame(addr: std::net::SocketAddr, path: &str, len: usize) -> O
 
 #[tokio::test]
 async fn an_oversized_message_gets_a_1009_the_client_can_read() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&["--max-message-size", "1048576"]);
     // 64 MiB announced and sent: the server says 1009 at the header and drains the rest.
     let code = send_big_frame(server.addr, "over", 64 << 20).await;
@@ -323,6 +333,7 @@ async fn an_oversized_message_gets_a_1009_the_client_can_read() {
 
 #[tokio::test]
 async fn large_incoming_messages_share_a_memory_budget() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&["--max-incoming-bytes", "33554432"]);
     let base = server.rss_kib();
     let addr = server.addr;
@@ -373,6 +384,7 @@ async fn large_incoming_messages_share_a_memory_budget() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_does_not_grow_memory() {
+    let _shared = ALONE.read().await;
     let server = Server::start(&["--heartbeat-secs", "600"]);
     let writer = synced_client(&server.url("busy-doc")).await;
     let (mut silent, _) = tokio_tungstenite::connect_async(server.url("busy-doc"))

@@ -125,7 +125,7 @@ use yrs::sync::awareness::{Awareness, AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::sync::protocol::{Message, MessageReader, SyncMessage};
 use yrs::updates::decoder::{Decode, DecoderV1};
 use yrs::updates::encoder::Encode;
-use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
+use yrs::{Doc, GetString, IdSet, ReadTxn, Text, Transact, Update, ID};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -377,10 +377,38 @@ pub struct Seen {
 /// A WebSocket client holding a real yrs document, answering the server like y-websocket does.
 pub struct Client {
     pub doc: Doc,
+    /// Every insertion and deletion the server sent (sync answers and relayed updates, own edits
+    /// echoed back): what this client has seen acknowledged.
+    pub echoed: Arc<Mutex<Echoed>>,
     pub awareness: Arc<Mutex<Awareness>>,
     pub seen: Arc<Mutex<Seen>>,
     out: mpsc::UnboundedSender<WsMessage>,
     awareness_clock: u32,
+}
+
+/// Ids of content received from the server, recorded as sent rather than through a yrs
+/// document: a document sets aside (as pending) what it cannot integrate yet, and a client
+/// never receives its own edits back when the server stored them but died before echoing them.
+#[derive(Default)]
+pub struct Echoed {
+    pub inserted: IdSet,
+    pub deleted: IdSet,
+}
+
+impl Echoed {
+    fn add(&mut self, update: &[u8]) {
+        let u = Update::decode_v1(update).expect("server sent a valid update");
+        for (set, from) in [
+            (&mut self.inserted, &u.insertions(true)),
+            (&mut self.deleted, u.delete_set()),
+        ] {
+            for (client, ranges) in from.iter() {
+                for r in ranges.iter() {
+                    set.insert(ID::new(*client, r.start), r.end - r.start);
+                }
+            }
+        }
+    }
 }
 
 fn apply(doc: &Doc, update: &[u8]) {
@@ -395,9 +423,15 @@ impl Client {
     }
 
     pub async fn connect_with(url: &str, doc: Doc) -> Client {
-        match Self::try_connect(url.into_client_request().expect("url"), doc).await {
-            Ok(c) => c,
-            Err(e) => panic!("connect {url}: {e}"),
+        Self::connect_resuming(url, doc, Arc::default()).await
+    }
+
+    /// Reconnects with a document and the record of what the server already acknowledged, as a
+    /// client that lost its connection does.
+    pub async fn connect_resuming(url: &str, doc: Doc, echoed: Arc<Mutex<Echoed>>) -> Client {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => Self::over_resuming(ws, doc, echoed),
+            Err(e) => panic!("connect {url}: {}", Refused::from(e)),
         }
     }
 
@@ -415,6 +449,13 @@ impl Client {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        Self::over_resuming(ws, doc, Arc::default())
+    }
+
+    fn over_resuming<S>(ws: WebSocketStream<S>, doc: Doc, echoed: Arc<Mutex<Echoed>>) -> Client
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sink, mut stream) = ws.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
         tokio::spawn(async move {
@@ -428,8 +469,13 @@ impl Client {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let awareness = Arc::new(Mutex::new(Awareness::new(doc.clone())));
         {
-            let (seen, doc, awareness, out) =
-                (seen.clone(), doc.clone(), awareness.clone(), out.clone());
+            let (seen, doc, echoed, awareness, out) = (
+                seen.clone(),
+                doc.clone(),
+                echoed.clone(),
+                awareness.clone(),
+                out.clone(),
+            );
             tokio::spawn(async move {
                 while let Some(msg) = stream.next().await {
                     match msg {
@@ -451,10 +497,12 @@ impl Client {
                                     }
                                     Message::Sync(SyncMessage::SyncStep2(u)) => {
                                         apply(&doc, &u);
+                                        echoed.lock().unwrap().add(&u);
                                         s.synced = true;
                                     }
                                     Message::Sync(SyncMessage::Update(u)) => {
                                         apply(&doc, &u);
+                                        echoed.lock().unwrap().add(&u);
                                         s.updates_received += 1;
                                     }
                                     Message::Awareness(u) => {
@@ -479,6 +527,7 @@ impl Client {
         }
         let client = Client {
             doc,
+            echoed,
             awareness,
             seen,
             out,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientID, Document, DocumentError};
-use collab_storage::{Store, StoreError};
+use collab_storage::{CompactionPolicy, Store, StoreError};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
@@ -51,8 +51,7 @@ struct Loaded {
     next_seq: u64,
     log_count: u64,
     log_bytes: u64,
-    /// Bytes stored for it: snapshot plus log, an upper bound of its encoded size.
-    stored_bytes: u64,
+    snapshot_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +75,7 @@ fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
         next_seq: stored.next_seq(),
         log_count: stored.log.len() as u64,
         log_bytes: stored.log_bytes(),
-        stored_bytes: stored.snapshot.as_ref().map_or(0, |s| s.len() as u64) + stored.log_bytes(),
+        snapshot_bytes: stored.snapshot_bytes(),
     })
 }
 
@@ -90,6 +89,7 @@ pub struct DocActor {
     next_seq: u64,
     log_count: u64,
     log_bytes: u64,
+    snapshot_bytes: u64,
     pending: Vec<Pending>,
     /// How many `pending` entries the flush in flight covers.
     flushing: Option<usize>,
@@ -122,6 +122,7 @@ impl DocActor {
             next_seq: 0,
             log_count: 0,
             log_bytes: 0,
+            snapshot_bytes: 0,
             pending: Vec::new(),
             flushing: None,
             compacting: false,
@@ -243,10 +244,8 @@ impl DocActor {
         self.idle_epoch += 1;
         self.registry.mark_idle(&self.name);
         let epoch = self.idle_epoch;
-        // Persist a compact snapshot now, so the next load is one read.
-        if self.log_count > 0 {
-            self.compact(ctx);
-        }
+        // The log is durable as it is; a snapshot is rewritten only when the log is worth it.
+        self.maybe_compact(ctx);
         let grace = self.registry.config().grace_period();
         ctx.run_later(grace, move |act, ctx| act.try_stop(epoch, ctx));
     }
@@ -348,8 +347,11 @@ impl DocActor {
 
     fn maybe_compact(&mut self, ctx: &mut Context<Self>) {
         let cfg = self.registry.config();
-        if self.log_count >= cfg.compact_after_updates || self.log_bytes >= cfg.compact_after_bytes
-        {
+        let policy = CompactionPolicy {
+            after_updates: cfg.compact_after_updates,
+            after_bytes: cfg.compact_after_bytes,
+        };
+        if policy.due(self.snapshot_bytes, self.log_count, self.log_bytes) {
             self.compact(ctx);
         }
     }
@@ -383,6 +385,7 @@ impl DocActor {
                         act.log_bytes -= bytes;
                         act.encoded_estimate = snapshot_len as u64 + act.log_bytes;
                         act.measured_at = snapshot_len as u64;
+                        act.snapshot_bytes = snapshot_len as u64;
                         METRICS.compactions.inc();
                         info!(doc = %act.name, entries = count, log_bytes = bytes, snapshot_bytes = snapshot_len, "compacted");
                     }
@@ -467,7 +470,9 @@ impl Actor for DocActor {
                     act.next_seq = loaded.next_seq;
                     act.log_count = loaded.log_count;
                     act.log_bytes = loaded.log_bytes;
-                    act.encoded_estimate = loaded.stored_bytes;
+                    // Snapshot plus log: an upper bound of the encoded size.
+                    act.encoded_estimate = loaded.snapshot_bytes + loaded.log_bytes;
+                    act.snapshot_bytes = loaded.snapshot_bytes;
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }

@@ -1,0 +1,295 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+fn wal_bytes(dir: &Path) -> u64 {
+    segments(dir)
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum()
+}
+
+/// Opens the store again; sled's background threads let go of the folder's lock a moment after
+/// the previous handle is dropped.
+fn reopen(dir: &Path) -> SledStore {
+    for _ in 0..100 {
+        match SledStore::open(dir) {
+            Err(StoreError::Backend(sled::Error::Io(e))) if e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the store stayed locked")
+}
+
+fn names(damage: &[Damage]) -> Vec<&str> {
+    let mut v: Vec<&str> = damage.iter().filter_map(|d| d.doc.as_deref()).collect();
+    v.dedup();
+    v
+}
+
+#[test]
+fn append_load_compact_roundtrip_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for seq in 0..10u64 {
+            store.append("doc", seq, &[seq as u8; 3]).unwrap();
+        }
+        store.append("doc-2", 0, b"other").unwrap();
+        store.flush().unwrap();
+    }
+    let store = reopen(dir.path());
+    let stored = store.load("doc").unwrap();
+    assert_eq!(stored.log.len(), 10);
+    assert_eq!(stored.log[3], (3, vec![3u8; 3]));
+    assert_eq!(stored.next_seq(), 10);
+    assert_eq!(stored.log_bytes(), 30);
+
+    store.compact("doc", b"snap", 7).unwrap();
+    let stored = store.load("doc").unwrap();
+    assert_eq!(stored.snapshot.as_deref(), Some(&b"snap"[..]));
+    assert_eq!(
+        stored.log.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![7, 8, 9]
+    );
+    let meta = stored.meta.unwrap();
+    assert_eq!((meta.snapshot_upto, meta.compactions), (7, 1));
+
+    // Compacting everything keeps the sequence moving forward.
+    store.compact("doc", b"snap2", 10).unwrap();
+    let stored = store.load("doc").unwrap();
+    assert!(stored.log.is_empty());
+    assert_eq!(stored.next_seq(), 10);
+
+    assert_eq!(store.list().unwrap(), vec!["doc", "doc-2"]);
+    assert_eq!(
+        store.load("doc-2").unwrap().log,
+        vec![(0, b"other".to_vec())]
+    );
+    assert!(store.load("missing").unwrap().log.is_empty());
+
+    assert!(store.delete("doc").unwrap());
+    assert!(store.load("doc").unwrap().snapshot.is_none());
+    assert_eq!(store.list().unwrap(), vec!["doc-2"]);
+    store.flush().unwrap();
+    drop(store);
+
+    let store = reopen(dir.path());
+    assert_eq!(store.list().unwrap(), vec!["doc-2"]);
+    assert!(store.load("doc").unwrap().log.is_empty());
+    assert_eq!(store.check().unwrap(), vec![]);
+}
+
+#[test]
+fn a_compaction_survives_reopening_without_a_log_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for seq in 0..5u64 {
+            store.append("doc", seq, &[seq as u8; 3]).unwrap();
+        }
+        store.flush().unwrap();
+        // The snapshot is durable in sled, its marker in the log is not: the process dies here.
+        store.compact("doc", b"snap", 5).unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_eq!(store.damage_at_open(), &[]);
+    let stored = store.load("doc").unwrap();
+    assert_eq!(stored.snapshot.as_deref(), Some(&b"snap"[..]));
+    assert!(stored.log.is_empty());
+    assert_eq!(stored.next_seq(), 5);
+}
+
+#[test]
+fn names_that_prefix_each_other_stay_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.append("a", 0, b"1").unwrap();
+    store.append("ab", 0, b"2").unwrap();
+    store.compact("a", &[7; 9000], 1).unwrap();
+    store.compact("ab", &[8; 5000], 1).unwrap();
+    assert_eq!(store.load("a").unwrap().snapshot.unwrap(), vec![7; 9000]);
+    assert_eq!(store.load("ab").unwrap().snapshot.unwrap(), vec![8; 5000]);
+    // A smaller snapshot leaves none of the bigger one's chunks behind.
+    store.compact("a", &[9; 10], 1).unwrap();
+    assert_eq!(store.load("a").unwrap().snapshot.unwrap(), vec![9; 10]);
+    assert_eq!(store.check().unwrap(), vec![]);
+}
+
+#[test]
+fn corrupt_metadata_is_reported_with_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.append("good", 0, b"x").unwrap();
+    store
+        .db
+        .insert(doc_key(META, "bad").unwrap(), &[0xff, 0xff, 0xff][..])
+        .unwrap();
+    match store.load("bad") {
+        Err(StoreError::Corrupt { doc, .. }) => assert_eq!(doc, "bad"),
+        other => panic!("expected corruption error, got {other:?}"),
+    }
+    assert_eq!(store.load("good").unwrap().log.len(), 1);
+    assert_eq!(names(&store.check().unwrap()), vec!["bad"]);
+}
+
+#[test]
+fn a_torn_tail_is_cut_off_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.append("doc", 0, b"kept").unwrap();
+        store.flush().unwrap();
+    }
+    // An unfinished write: half a record after the last commit.
+    let last = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    let clean_len = bytes.len();
+    bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, b'u', 0]);
+    std::fs::write(&last, &bytes).unwrap();
+
+    let store = reopen(dir.path());
+    assert_eq!(store.damage_at_open(), &[]);
+    assert_eq!(store.load("doc").unwrap().log, vec![(0, b"kept".to_vec())]);
+    assert_eq!(std::fs::metadata(&last).unwrap().len() as usize, clean_len);
+    assert_eq!(store.check().unwrap(), vec![]);
+}
+
+#[test]
+fn a_flipped_byte_in_the_log_is_reported_by_document() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for seq in 0..20u64 {
+            store.append("victim", seq, &[0xaa; 200]).unwrap();
+            store.append("bystander", seq, &[0xbb; 10]).unwrap();
+            store.flush().unwrap();
+        }
+    }
+    let seg = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // Inside a `victim` update near the middle: its payload is 200 bytes of 0xaa.
+    let mid = bytes.len() / 2;
+    let at = (mid..bytes.len())
+        .find(|&i| bytes[i..i + 50] == [0xaa; 50])
+        .unwrap();
+    bytes[at + 10] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let store = reopen(dir.path());
+    assert_eq!(names(store.damage_at_open()), vec!["victim"]);
+    assert!(matches!(
+        store.load("victim"),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(store.load("bystander").unwrap().log.len(), 20);
+    assert_eq!(names(&store.check().unwrap()), vec!["victim"]);
+}
+
+#[test]
+fn a_snapshot_sled_lost_is_reported_by_document() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.append("doc", 0, b"x").unwrap();
+        store.append("other", 0, b"y").unwrap();
+        store.compact("doc", &[1; 20_000], 1).unwrap();
+        store.compact("other", &[2; 100], 1).unwrap();
+        store.flush().unwrap();
+        // What sled's recovery does to records after a damaged spot: they are gone.
+        store.db.remove(doc_key(META, "doc").unwrap()).unwrap();
+        store.db.flush().unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_eq!(names(store.damage_at_open()), vec!["doc"]);
+    assert!(store.load("doc").is_err());
+    assert_eq!(store.load("other").unwrap().snapshot.unwrap(), vec![2; 100]);
+
+    // A damaged chunk is caught by its CRC when read.
+    store
+        .db
+        .insert(chunk_key("other", 0).unwrap(), &[3; 100][..])
+        .unwrap();
+    assert!(store.load("other").is_err());
+    assert_eq!(names(&store.check().unwrap()), vec!["doc", "other"]);
+}
+
+#[test]
+fn the_log_reclaims_dead_segments_and_copies_live_records_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    // One entry of a quiet document sits in the first segment for the whole run.
+    store.append("quiet", 0, b"pinned").unwrap();
+    let update = [0x42u8; 1000];
+    let mut seq = 0;
+    for round in 0..100u64 {
+        for _ in 0..100 {
+            store.append("busy", seq, &update).unwrap();
+            seq += 1;
+        }
+        store.flush().unwrap();
+        store.compact("busy", &round.to_le_bytes(), seq).unwrap();
+    }
+    store.flush().unwrap();
+    // 10 MB went through the log; what stays is the quiet entry and a few segments.
+    assert!(
+        wal_bytes(dir.path()) < 4 << 20,
+        "log holds {} bytes",
+        wal_bytes(dir.path())
+    );
+    drop(store);
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.load("quiet").unwrap().log,
+        vec![(0, b"pinned".to_vec())]
+    );
+    assert_eq!(store.load("busy").unwrap().next_seq(), seq);
+    assert_eq!(store.check().unwrap(), vec![]);
+}
+
+#[test]
+fn format_1_folders_are_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let v1 = DocMetaV1 {
+            format_version: 1,
+            created_at_ms: 5,
+            snapshot_upto: 3,
+            snapshot_bytes: 6,
+            snapshot_at_ms: 6,
+            compactions: 2,
+        };
+        let raw = bincode::serde::encode_to_vec(&v1, bincode_config()).unwrap();
+        db.insert(doc_key(META, "old").unwrap(), raw).unwrap();
+        db.insert(doc_key(V1_SNAPSHOT, "old").unwrap(), &b"snap01"[..])
+            .unwrap();
+        for seq in 3..5u64 {
+            let mut key = doc_key(V1_LOG, "old").unwrap();
+            key.extend_from_slice(&seq.to_be_bytes());
+            db.insert(key, &[seq as u8][..]).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    let stored = store.load("old").unwrap();
+    assert_eq!(stored.snapshot.as_deref(), Some(&b"snap01"[..]));
+    assert_eq!(stored.log, vec![(3, vec![3]), (4, vec![4])]);
+    let meta = stored.meta.unwrap();
+    assert_eq!(
+        (meta.created_at_ms, meta.compactions, meta.format_version),
+        (5, 2, 2)
+    );
+    assert_eq!(store.check().unwrap(), vec![]);
+}
