@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit and integration tests, the npm y-websocket interop test and the
-# browser test of the demo page. Needs cargo, node/npm, and /usr/bin/chromium for the browser
-# test (.ci/run installs what is missing).
+# The whole test suite: Rust unit and integration tests, the npm y-websocket interop test, the
+# Python (pycrdt) client test and the browser test of the demo page. Needs cargo, node/npm,
+# python3 3.11+ with venv, and /usr/bin/chromium for the browser test (.ci/run installs what is
+# missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,10 @@ cargo test --workspace
 
 echo "== interop: npm yjs + y-websocket WebsocketProvider against collab"
 (cd tests/interop && npm ci --no-audit --no-fund && node --test)
+
+echo "== python: pycrdt client and npm WebsocketProvider against collab (tests/python/.venv)"
+[ -x tests/python/.venv/bin/python ] || { python3 -m venv tests/python/.venv && tests/python/.venv/bin/python -m pip install -q -r tests/python/requirements.txt; }
+(cd tests/python && .venv/bin/python -m pytest -q)
 
 echo "== demo page: the committed bundle matches a fresh build"
 (cd web-demo && npm ci --no-audit --no-fund && npm run build)
