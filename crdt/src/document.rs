@@ -23,6 +23,15 @@ pub enum DocumentError {
     /// must be rebuilt from durable storage before anyone is served from it again.
     #[error("document integration panicked")]
     Poisoned,
+    /// The update holds blocks past a hole in a client's clocks: it was built on changes this
+    /// document does not have. Nothing was applied.
+    #[error("update is out of order: it builds on changes the document does not have")]
+    OutOfOrder,
+    /// The part of the update that was new encodes to bytes yrs cannot decode again (an item of
+    /// a content type yrs does not know, re-encoded as another type), so it could be neither
+    /// stored nor broadcast. The document holds it in memory and must be rebuilt from storage.
+    #[error("update integrates to a diff that does not decode")]
+    DiffDoesNotDecode,
 }
 
 /// The outcome of an awareness update that changed something.
@@ -36,7 +45,14 @@ pub struct AwarenessChange {
 
 pub struct Document {
     awareness: Awareness,
+    /// Entries of removed awareness clients kept (for their clock) before they are forgotten.
+    max_removed_awareness: usize,
 }
+
+/// Removed awareness clients remembered at most, by default. A removed client's entry only keeps
+/// its clock, so that a stale state arriving after the removal is ignored; without a bound, a
+/// client announcing and removing made-up ids would grow the server's memory forever.
+pub const MAX_REMOVED_AWARENESS: usize = 1024;
 
 impl Default for Document {
     fn default() -> Self {
@@ -50,6 +66,7 @@ impl Document {
         // memory of long-edited documents close to their visible size.
         Document {
             awareness: Awareness::new(Doc::new()),
+            max_removed_awareness: MAX_REMOVED_AWARENESS,
         }
     }
 
@@ -107,10 +124,16 @@ impl Document {
     }
 
     /// The whole document as one v1 update, for snapshots.
+    ///
+    /// Blocks yrs holds pending (waiting for a predecessor) are left out, as they are from every
+    /// diff and so from the log: a snapshot holds what a replay of the log holds. yrs's
+    /// `encode_state_as_update_v1` merges them in with an `unwrap`, which panicked on pending
+    /// blocks whose encoding does not decode again (found by the fuzzer), and compaction calls
+    /// this from the document actor.
     pub fn encode_state(&self) -> Vec<u8> {
         self.doc()
             .transact()
-            .encode_state_as_update_v1(&StateVector::default())
+            .encode_diff_v1(&StateVector::default())
     }
 
     /// Applies a client's update. Returns the part of it that was new to the document, which is
@@ -120,9 +143,33 @@ impl Document {
         let doc = self.awareness.doc();
         let result = catch_unwind(AssertUnwindSafe(|| {
             let mut txn = doc.transact_mut();
+            // yrs integrates blocks that follow a hole in their client's clocks (when they
+            // depend on nothing missing) behind a skip, below the state vector: the diff, encoded
+            // from state vectors, leaves them out, and so do snapshots, so the document served
+            // joiners content no store or subscriber had, and compaction lost it (found by the
+            // fuzzer). Yjs keeps such blocks pending; here the update is refused before anything
+            // is applied. A client only sends one when the server lacks what it built on, and
+            // the resync that follows the close sends the missing part first.
+            if may_leave_gap(&update, &txn.state_vector()) {
+                return Err(DocumentError::OutOfOrder);
+            }
             txn.apply_update(update)?;
-            let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
-            Ok(changed.then(|| txn.encode_update_v1()))
+            if integrated_past_state(&txn) {
+                // Blocks held pending from an earlier update landed behind a hole: the document
+                // must be rebuilt from storage, which never had them.
+                return Err(DocumentError::Poisoned);
+            }
+            let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
+            if !changed {
+                return Ok(None);
+            }
+            let diff = txn.encode_update_v1();
+            // A diff that does not decode would be stored, then fail every later load of the
+            // document, and break every client it is broadcast to (found by the fuzzer).
+            if Update::decode_v1(&diff).is_err() {
+                return Err(DocumentError::DiffDoesNotDecode);
+            }
+            Ok(Some(diff))
         }));
         match result {
             Ok(outcome) => outcome,
@@ -153,16 +200,68 @@ impl Document {
     }
 
     /// Applies a client's awareness update and says what changed; `None` when it was stale.
-    pub fn apply_awareness(&mut self, update: AwarenessUpdate) -> Option<AwarenessChange> {
+    pub fn apply_awareness(&mut self, mut update: AwarenessUpdate) -> Option<AwarenessChange> {
+        let own = self.awareness.client_id();
+        update.clients.retain(|id, entry| {
+            // The document's own id: yrs never lets a remote client remove that state, so one
+            // announced under it would outlive its connection.
+            *id != own
+                // A removal of a client never seen changes nothing and is not relayed, but yrs
+                // would remember its clock forever: removals of made-up ids grew memory without
+                // bound (found by the fuzzer's awareness invariant).
+                && (&*entry.json != "null" || self.awareness.meta(*id).is_some())
+        });
+        if update.clients.is_empty() {
+            return None;
+        }
         // Only errors on JSON serialization of local state, which the server never sets.
         let summary = self.awareness.apply_update_summary(update).ok()??;
         let mut announced = summary.added;
         announced.extend(summary.updated);
+        self.forget_removed(&summary.removed);
         // The relay message is encoded by the caller, which may merge several changes into one.
         Some(AwarenessChange {
             announced,
             removed: summary.removed,
         })
+    }
+
+    /// Forgets removed clients once more than `max_removed_awareness` are remembered, except
+    /// `just_removed`, whose removal the caller still relays. Runs only after a removal, so the
+    /// count (one pass over the entries) stays off the path of cursor moves.
+    fn forget_removed(&mut self, just_removed: &[ClientID]) {
+        if just_removed.is_empty() {
+            return;
+        }
+        let removed = self
+            .awareness
+            .iter()
+            .filter(|(_, s)| s.data.is_none())
+            .count();
+        if removed <= self.max_removed_awareness {
+            return;
+        }
+        let keep: Vec<ClientID> = self
+            .awareness
+            .iter()
+            .filter(|(id, s)| s.data.is_some() || just_removed.contains(id))
+            .map(|(id, _)| id)
+            .collect();
+        let Ok(kept) = self.awareness.update_with_clients(keep) else {
+            return;
+        };
+        let mut fresh = Awareness::new(self.awareness.doc().clone());
+        // A new awareness takes every entry (a removal of an unknown client included, which is
+        // how removed clients keep their clock).
+        if fresh.apply_update(kept).is_ok() {
+            self.awareness = fresh;
+        }
+    }
+
+    /// Lowers the number of removed awareness clients remembered (for tests and fuzzing).
+    #[doc(hidden)]
+    pub fn set_max_removed_awareness(&mut self, max: usize) {
+        self.max_removed_awareness = max;
     }
 
     /// Marks the given clients as gone; returns the removal message to broadcast, if any of them
@@ -191,7 +290,16 @@ impl Document {
         if summary.removed.is_empty() {
             return None;
         }
-        self.awareness_message_for(summary.removed)
+        let msg = self.awareness_message_for(summary.removed.iter().copied());
+        self.forget_removed(&summary.removed);
+        msg
+    }
+
+    /// How many clients the awareness keeps an entry for, removed ones (kept for their clock)
+    /// included. For the fuzzing invariants.
+    #[doc(hidden)]
+    pub fn awareness_entries(&self) -> usize {
+        self.awareness.iter().count()
     }
 
     /// All current awareness states, or `None` when nobody has announced one.
@@ -204,14 +312,43 @@ impl Document {
     }
 
     /// The current awareness entries (state or removal, with clock) of `clients`, as one
-    /// message.
+    /// message; clients no longer remembered are left out, `None` when none is.
     pub fn awareness_message_for(
         &self,
         clients: impl IntoIterator<Item = ClientID>,
     ) -> Option<Vec<u8>> {
-        let update = self.awareness.update_with_clients(clients).ok()?;
+        let known = clients
+            .into_iter()
+            .filter(|id| self.awareness.meta(*id).is_some());
+        let update = self.awareness.update_with_clients(known).ok()?;
+        if update.clients.is_empty() {
+            return None;
+        }
         Some(protocol::encode_awareness(&update))
     }
+}
+
+/// Whether `update` holds blocks past a hole in a client's clocks, counted from `sv`.
+fn may_leave_gap(update: &Update, sv: &StateVector) -> bool {
+    update.insertions(true).iter().any(|(client, ranges)| {
+        let mut ranges: Vec<std::ops::Range<u32>> = ranges.iter().cloned().collect();
+        ranges.sort_by_key(|r| r.start);
+        let mut next = sv.get(client);
+        ranges.into_iter().any(|r| {
+            let gap = r.start > next;
+            next = next.max(r.end);
+            gap
+        })
+    })
+}
+
+/// Whether the transaction integrated blocks beyond its clients' contiguous state (which is
+/// what the store's state vector counts; the transaction's `after_state` counts them).
+fn integrated_past_state(txn: &yrs::TransactionMut) -> bool {
+    let after = txn.state_vector();
+    txn.insert_set()
+        .iter()
+        .any(|(client, ranges)| ranges.iter().any(|r| r.end > after.get(client)))
 }
 
 #[cfg(test)]
@@ -348,5 +485,155 @@ mod tests {
         assert_eq!(a.clients[&id].clock, 2);
         assert!(server.remove_awareness(&[id]).is_none());
         assert!(server.awareness_message().is_none());
+    }
+
+    fn entry(id: u64, clock: u32, json: &str) -> AwarenessUpdate {
+        let mut update = AwarenessUpdate {
+            clients: Default::default(),
+        };
+        update.clients.insert(
+            ClientID::new(id),
+            AwarenessUpdateEntry {
+                clock,
+                json: json.into(),
+            },
+        );
+        update
+    }
+
+    #[test]
+    fn removals_of_unknown_awareness_clients_are_not_remembered() {
+        // Found by the fuzzer's awareness invariant: each removal of a made-up id left an entry.
+        let mut server = Document::new();
+        for id in 0..1000 {
+            assert!(server.apply_awareness(entry(id, 1, "null")).is_none());
+        }
+        assert_eq!(server.awareness_entries(), 0);
+    }
+
+    #[test]
+    fn removed_awareness_clients_are_forgotten_beyond_the_bound() {
+        let mut server = Document::new();
+        server.set_max_removed_awareness(4);
+        for id in 0..100 {
+            assert!(server.apply_awareness(entry(id, 1, "{}")).is_some());
+            let change = server.apply_awareness(entry(id, 2, "null")).unwrap();
+            assert_eq!(change.removed, vec![ClientID::new(id)]);
+            // The removal the caller relays still carries its clock.
+            let msg = server.awareness_message_for(change.removed).unwrap();
+            let Ok([ClientMessage::Awareness(a)]) =
+                <[ClientMessage; 1]>::try_from(decode_frame(&msg).unwrap())
+            else {
+                panic!("not awareness");
+            };
+            assert_eq!(a.clients[&ClientID::new(id)].clock, 2);
+            assert!(server.awareness_entries() <= 5);
+        }
+        // Live states survive forgetting; a batch naming forgotten clients relays the rest.
+        assert!(server.apply_awareness(entry(500, 1, "{}")).is_some());
+        for id in 1000..1010 {
+            server.apply_awareness(entry(id, 1, "{}"));
+            server.remove_awareness(&[ClientID::new(id)]).unwrap();
+        }
+        assert!(server.awareness_message().is_some());
+        let ids = [ClientID::new(0), ClientID::new(500)];
+        let msg = server.awareness_message_for(ids).unwrap();
+        let Ok([ClientMessage::Awareness(a)]) =
+            <[ClientMessage; 1]>::try_from(decode_frame(&msg).unwrap())
+        else {
+            panic!("not awareness");
+        };
+        assert_eq!(a.clients.len(), 1);
+        assert!(server.awareness_message_for([ClientID::new(0)]).is_none());
+    }
+
+    #[test]
+    fn the_documents_own_awareness_id_is_refused() {
+        // yrs never lets a remote removal clear the local id's state, so a state announced under
+        // it would outlive its connection.
+        let mut server = Document::new();
+        let own = server.doc().client_id().get();
+        assert!(server.apply_awareness(entry(own, 1, "{}")).is_none());
+        assert!(server.awareness_message().is_none());
+    }
+
+    #[test]
+    fn an_update_past_a_hole_is_refused() {
+        // Found by the fuzzer: yrs integrated an update sent ahead of its predecessor behind a
+        // skip, while the diff (and any snapshot) left it out, so joiners saw content that no
+        // store or subscriber had, and compaction dropped it.
+        let client = Doc::new();
+        let first = edit(&client, 0, "ab");
+        let second = {
+            let array = client.get_or_insert_array("a");
+            let mut txn = client.transact_mut();
+            yrs::Array::push_back(&array, &mut txn, 1);
+            Update::decode_v1(&txn.encode_update_v1()).unwrap()
+        };
+        let second_bytes = second.encode_v1();
+        let mut server = Document::new();
+        assert!(matches!(
+            server.apply_update(second),
+            Err(DocumentError::OutOfOrder)
+        ));
+        assert_eq!(server.encode_state(), Document::new().encode_state());
+        // In order, both apply, and the diffs rebuild the same document.
+        let d1 = server.apply_update(first).unwrap().unwrap();
+        let d2 = server
+            .apply_update(Update::decode_v1(&second_bytes).unwrap())
+            .unwrap()
+            .unwrap();
+        let stored = Document::load(None, [d1.as_slice(), d2.as_slice()]).unwrap();
+        assert_eq!(stored.encode_state(), server.encode_state());
+        assert_eq!(text_of(&stored), "ab");
+    }
+
+    #[test]
+    fn a_known_or_pending_update_is_no_change() {
+        let a = Doc::new();
+        let first = edit(&a, 0, "a");
+        let b = Doc::new();
+        b.transact_mut()
+            .apply_update(Update::decode_v1(&first.encode_v1()).unwrap())
+            .unwrap();
+        // B's edit builds on A's, which the server does not have yet: it waits (pending), and
+        // there is nothing to store yet.
+        let second = edit(&b, 1, "b");
+        let bytes = second.encode_v1();
+        let mut server = Document::new();
+        assert_eq!(server.apply_update(second).unwrap(), None);
+        let diff = server.apply_update(first).unwrap().unwrap();
+        assert_eq!(text_of(&server), "ab");
+        assert_eq!(
+            text_of(&Document::load(None, [diff.as_slice()]).unwrap()),
+            "ab"
+        );
+        assert_eq!(
+            server
+                .apply_update(Update::decode_v1(&bytes).unwrap())
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_update_whose_diff_does_not_decode_is_refused() {
+        // Found by the fuzzer: content type 18 is unknown; yrs decodes it, but its diff encodes
+        // the item as JSON content that does not decode, which would have been stored and
+        // would then have failed every load of the document.
+        let frame = [
+            0x00, 0x02, 0x0f, 0x01, 0x01, 0x01, 0x00, 0x32, 0x01, 0x01, 0x74, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00,
+        ];
+        let Ok([ClientMessage::Update(u)]) =
+            <[ClientMessage; 1]>::try_from(decode_frame(&frame).unwrap())
+        else {
+            panic!("not an update");
+        };
+        let mut server = Document::new();
+        assert!(matches!(
+            server.apply_update(u),
+            Err(DocumentError::DiffDoesNotDecode)
+        ));
     }
 }

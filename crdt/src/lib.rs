@@ -5,6 +5,8 @@
 //! and reports, for every input, exactly what changed so the caller can persist and broadcast it.
 
 pub mod document;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod protocol;
 
 pub use document::{AwarenessChange, Document, DocumentError};

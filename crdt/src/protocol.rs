@@ -4,6 +4,8 @@
 //! `MessageReader` stops silently at a truncated message, which would let a client believe an
 //! edit was delivered when it was dropped, so this module walks the frame itself.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use serde::de::IgnoredAny;
 use thiserror::Error;
 use yrs::encoding::read::{Cursor, Read};
@@ -56,6 +58,12 @@ pub enum ProtocolError {
     UnknownSyncType(u64),
     #[error("awareness state of client {client} is not valid JSON")]
     InvalidAwarenessJson { client: u64 },
+    /// A client id past 53 bits or a clock range past 2^32: yrs asserts against them in debug
+    /// builds and wraps them in release ones.
+    #[error("{what} message has a client id or clock out of range")]
+    OutOfRange { what: &'static str },
+    #[error("{what} message declares more entries than its bytes can hold")]
+    CountTooLarge { what: &'static str },
 }
 
 impl ProtocolError {
@@ -81,7 +89,11 @@ pub fn decode_frame(frame: &[u8]) -> Result<Vec<ClientMessage>, ProtocolError> {
     let mut cur = Cursor::new(frame);
     let mut out = Vec::with_capacity(1);
     while cur.has_content() {
-        out.push(decode_message(&mut cur)?);
+        // yrs's decoders assert (in debug builds) that client ids fit in 53 bits and that clock
+        // ranges do not pass 2^32; such a panic is a refused frame, not a crashed task.
+        let msg = catch_unwind(AssertUnwindSafe(|| decode_message(&mut cur)))
+            .unwrap_or(Err(ProtocolError::OutOfRange { what: "frame" }))?;
+        out.push(msg);
     }
     Ok(out)
 }
@@ -94,24 +106,26 @@ fn decode_message(cur: &mut Cursor<'_>) -> Result<ClientMessage, ProtocolError> 
             match sub {
                 SYNC_STEP_1 => {
                     let buf = cur.read_buf().map_err(malformed("sync step 1"))?;
+                    // Each entry is a client and a clock, a byte each at least.
+                    check_counts(buf, &[2], "sync step 1")?;
                     let sv = StateVector::decode_v1(buf).map_err(malformed("sync step 1"))?;
                     Ok(ClientMessage::SyncStep1(sv))
                 }
                 SYNC_STEP_2 => {
                     let buf = cur.read_buf().map_err(malformed("sync step 2"))?;
-                    let u = Update::decode_v1(buf).map_err(malformed("sync step 2"))?;
-                    Ok(ClientMessage::SyncStep2(u))
+                    Ok(ClientMessage::SyncStep2(decode_update(buf, "sync step 2")?))
                 }
                 SYNC_UPDATE => {
                     let buf = cur.read_buf().map_err(malformed("update"))?;
-                    let u = Update::decode_v1(buf).map_err(malformed("update"))?;
-                    Ok(ClientMessage::Update(u))
+                    Ok(ClientMessage::Update(decode_update(buf, "update")?))
                 }
                 other => Err(ProtocolError::UnknownSyncType(other)),
             }
         }
         MSG_AWARENESS => {
             let buf = cur.read_buf().map_err(malformed("awareness"))?;
+            // Each entry is a client, a clock and a JSON string, a byte each at least.
+            check_counts(buf, &[3], "awareness")?;
             let update = AwarenessUpdate::decode_v1(buf).map_err(malformed("awareness"))?;
             for (client, entry) in &update.clients {
                 if serde_json::from_str::<IgnoredAny>(&entry.json).is_err() {
@@ -131,6 +145,56 @@ fn decode_message(cur: &mut Cursor<'_>) -> Result<ClientMessage, ProtocolError> 
         }
         MSG_QUERY_AWARENESS => Ok(ClientMessage::QueryAwareness),
         other => Err(ProtocolError::UnknownMessageType(other)),
+    }
+}
+
+/// Refuses a payload whose leading counts declare more entries than its bytes can hold. yrs
+/// reserves room for the declared count before reading the entries; a hash map reservation
+/// writes its control bytes, so a 6-byte message declaring 2^28 entries made the server touch
+/// 512 MiB (found by the fuzzer). `min_bytes[i]` is the least size of one entry of the i-th
+/// count, each count read right after the one before (the first counts of the format).
+fn check_counts(buf: &[u8], min_bytes: &[u64], what: &'static str) -> Result<(), ProtocolError> {
+    let mut cur = Cursor::new(buf);
+    for (i, &min) in min_bytes.iter().enumerate() {
+        // A truncated payload is left to the decoder, which reports it.
+        let Ok(count) = cur.read_var::<u64>() else {
+            return Ok(());
+        };
+        let left = (buf.len() - cur.next) as u64;
+        if count > left / min {
+            return Err(ProtocolError::CountTooLarge { what });
+        }
+        // Only the first entry's own count follows directly: the client count's first entry
+        // starts with its block count.
+        if count == 0 || i + 1 == min_bytes.len() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes an update whose clock ranges stay within `u32`. yrs computes a range's end as
+/// `clock + len`: past 2^32 that panics in a debug build and wraps in a release one, leaving an
+/// inverted range for the document to trip over (found by the fuzzer).
+fn decode_update(buf: &[u8], what: &'static str) -> Result<Update, ProtocolError> {
+    // The number of clients (each a block count, a client and a clock), then the first client's
+    // block count (a byte per block at least).
+    check_counts(buf, &[3, 1], what)?;
+    let checked = catch_unwind(|| {
+        let u = Update::decode_v1(buf)?;
+        let sane = |set: &yrs::IdSet| {
+            set.iter()
+                .all(|(_, ranges)| ranges.iter().all(|r| r.start <= r.end))
+        };
+        let ok = sane(u.delete_set()) && sane(&u.insertions(true));
+        // The upper state vector adds each client's last block length to its clock.
+        let _ = u.state_vector();
+        Ok((u, ok))
+    });
+    match checked {
+        Ok(Ok((u, true))) => Ok(u),
+        Ok(Err(source)) => Err(ProtocolError::Malformed { what, source }),
+        Ok(Ok((_, false))) | Err(_) => Err(ProtocolError::OutOfRange { what }),
     }
 }
 
@@ -264,6 +328,24 @@ mod tests {
             decode_frame(&hex("00 05 00")),
             Err(ProtocolError::UnknownSyncType(5))
         ));
+        // A delete range whose end passes 2^32 (clock 0xffffffff, length 2).
+        assert!(matches!(
+            decode_frame(&hex("00 02 0a 00 01 01 01 ff ff ff ff 0f 02")),
+            Err(ProtocolError::OutOfRange { what: "update" })
+        ));
+        // Counts larger than the bytes that follow: 2^28 state vector entries, 2^28 awareness
+        // clients, 2^28 update clients, and 2^28 blocks of the first client.
+        for (frame, what) in [
+            ("00 00 04 80 80 80 01", "sync step 1"),
+            ("01 04 80 80 80 01", "awareness"),
+            ("00 02 04 80 80 80 01", "update"),
+            ("00 02 07 01 80 80 80 01 01 00", "update"),
+        ] {
+            assert!(
+                matches!(decode_frame(&hex(frame)), Err(ProtocolError::CountTooLarge { what: w }) if w == what),
+                "{frame}"
+            );
+        }
         // A length prefix of 2^35 bytes must be refused, not allocated.
         assert!(decode_frame(&hex("00 02 80 80 80 80 80 01 00")).is_err());
         // Awareness JSON that would break every browser's JSON.parse.
