@@ -3,7 +3,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sled::{Batch, Db, IVec};
 
-use crate::{DocMeta, Store, StoreError, StoredDoc, FORMAT_VERSION};
+use crate::{DocMeta, DocStats, Store, StoreError, StoredDoc, VersionMeta, FORMAT_VERSION};
 
 // One sled tree holds everything so that a compaction (snapshot + log trim + metadata) is a
 // single atomic batch. Keys: a record kind byte, the document name length-prefixed (so one name
@@ -12,6 +12,13 @@ use crate::{DocMeta, Store, StoreError, StoredDoc, FORMAT_VERSION};
 const META: u8 = b'm';
 const SNAPSHOT: u8 = b's';
 const LOG: u8 = b'u';
+// Beside the document, under the same name so a delete removes them in the same batch:
+// when it was last appended to, its version counter, each version's description and state.
+// Versions are whole-document states (see `Store::put_version`), so compaction never touches them.
+const TOUCHED: u8 = b't';
+const VERSION_COUNTER: u8 = b'c';
+const VERSION_META: u8 = b'V';
+const VERSION_STATE: u8 = b'v';
 
 fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
     let len = u16::try_from(doc.len()).map_err(|_| StoreError::NameTooLong(doc.len()))?;
@@ -23,9 +30,35 @@ fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
 }
 
 fn log_key(doc: &str, seq: u64) -> Result<Vec<u8>, StoreError> {
-    let mut key = doc_key(LOG, doc)?;
+    seq_key(LOG, doc, seq)
+}
+
+fn seq_key(kind: u8, doc: &str, seq: u64) -> Result<Vec<u8>, StoreError> {
+    let mut key = doc_key(kind, doc)?;
     key.extend_from_slice(&seq.to_be_bytes());
     Ok(key)
+}
+
+fn corrupt(doc: &str, what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        doc: doc.to_owned(),
+        what: what.into(),
+    }
+}
+
+fn decode_version(doc: &str, raw: &[u8]) -> Result<VersionMeta, StoreError> {
+    bincode::serde::decode_from_slice(raw, bincode_config())
+        .map(|(v, _)| v)
+        .map_err(|e| corrupt(doc, format!("version record: {e}")))
+}
+
+fn u64_value(doc: &str, raw: Option<IVec>) -> Result<u64, StoreError> {
+    match raw {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt(doc, "counter of the wrong size")),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -133,9 +166,13 @@ impl Store for SledStore {
             batch.insert(meta_key, encode_meta(&meta));
             batch.insert(log_key(doc, seq)?, update);
             self.db.apply_batch(batch)?;
-            return Ok(());
+        } else {
+            self.db.insert(log_key(doc, seq)?, update)?;
         }
-        self.db.insert(log_key(doc, seq)?, update)?;
+        // For listings' "last modified": an 8-byte in-memory write, made durable by the same
+        // flush as the update.
+        self.db
+            .insert(doc_key(TOUCHED, doc)?, &now_ms().to_be_bytes())?;
         Ok(())
     }
 
@@ -201,12 +238,85 @@ impl Store for SledStore {
         let mut batch = Batch::default();
         batch.remove(meta_key);
         batch.remove(doc_key(SNAPSHOT, doc)?);
-        for item in self.db.scan_prefix(Self::log_prefix(doc)?) {
-            let (key, _) = item?;
-            batch.remove(key);
+        batch.remove(doc_key(TOUCHED, doc)?);
+        batch.remove(doc_key(VERSION_COUNTER, doc)?);
+        for kind in [LOG, VERSION_META, VERSION_STATE] {
+            for item in self.db.scan_prefix(doc_key(kind, doc)?) {
+                let (key, _) = item?;
+                batch.remove(key);
+            }
         }
         self.db.apply_batch(batch)?;
         Ok(existed)
+    }
+
+    fn stats(&self, doc: &str) -> Result<Option<DocStats>, StoreError> {
+        let Some(meta) = self.meta(doc)? else {
+            return Ok(None);
+        };
+        let prefix = Self::log_prefix(doc)?;
+        let (mut log_bytes, mut next_seq) = (0u64, meta.snapshot_upto);
+        for item in self.db.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            log_bytes += value.len() as u64;
+            let seq = <[u8; 8]>::try_from(&key[prefix.len()..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(doc, "log key of the wrong size"))?;
+            next_seq = next_seq.max(seq + 1);
+        }
+        let touched = u64_value(doc, self.db.get(doc_key(TOUCHED, doc)?)?)?;
+        let versions = self.db.scan_prefix(doc_key(VERSION_META, doc)?).count() as u64;
+        Ok(Some(DocStats {
+            size_bytes: meta.snapshot_bytes + log_bytes,
+            updates: next_seq,
+            last_modified_ms: touched.max(meta.snapshot_at_ms).max(meta.created_at_ms),
+            versions,
+        }))
+    }
+
+    fn put_version(&self, doc: &str, label: &str, state: &[u8]) -> Result<VersionMeta, StoreError> {
+        // An atomic increment, so concurrent requests for one document never share an id.
+        let counter = self
+            .db
+            .update_and_fetch(doc_key(VERSION_COUNTER, doc)?, |old| {
+                let n = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some((n + 1).to_be_bytes().to_vec())
+            })?;
+        let id = u64_value(doc, counter)?;
+        let version = VersionMeta {
+            id,
+            label: label.to_owned(),
+            created_at_ms: now_ms(),
+            size: state.len() as u64,
+        };
+        let record = bincode::serde::encode_to_vec(&version, bincode_config())
+            .map_err(|e| corrupt(doc, format!("version record: {e}")))?;
+        let mut batch = Batch::default();
+        batch.insert(seq_key(VERSION_META, doc, id)?, record);
+        batch.insert(seq_key(VERSION_STATE, doc, id)?, state);
+        self.db.apply_batch(batch)?;
+        Ok(version)
+    }
+
+    fn versions(&self, doc: &str) -> Result<Vec<VersionMeta>, StoreError> {
+        self.db
+            .scan_prefix(doc_key(VERSION_META, doc)?)
+            .map(|item| decode_version(doc, &item?.1))
+            .collect()
+    }
+
+    fn version(&self, doc: &str, id: u64) -> Result<Option<(VersionMeta, Vec<u8>)>, StoreError> {
+        let Some(raw) = self.db.get(seq_key(VERSION_META, doc, id)?)? else {
+            return Ok(None);
+        };
+        let meta = decode_version(doc, &raw)?;
+        let state = self
+            .db
+            .get(seq_key(VERSION_STATE, doc, id)?)?
+            .ok_or_else(|| corrupt(doc, format!("version {id} has no state")))?;
+        Ok(Some((meta, state.to_vec())))
     }
 }
 
@@ -260,6 +370,47 @@ mod tests {
         assert!(store.delete("doc").unwrap());
         assert!(store.load("doc").unwrap().snapshot.is_none());
         assert_eq!(store.list().unwrap(), vec!["doc-2"]);
+    }
+
+    #[test]
+    fn versions_survive_compaction_and_go_with_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.append("doc", 0, b"one").unwrap();
+            store.append("doc", 1, b"two").unwrap();
+            let v1 = store.put_version("doc", "first", b"state-1").unwrap();
+            let v2 = store.put_version("doc", "second", b"state-22").unwrap();
+            assert_eq!((v1.id, v2.id, v2.size), (1, 2, 8));
+            store.put_version("other", "x", b"o").unwrap();
+            store.compact("doc", b"snap", 2).unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let versions = store.versions("doc").unwrap();
+        assert_eq!(
+            versions
+                .iter()
+                .map(|v| v.label.as_str())
+                .collect::<Vec<_>>(),
+            vec!["first", "second"]
+        );
+        let (meta, state) = store.version("doc", 2).unwrap().unwrap();
+        assert_eq!(
+            (meta.label.as_str(), state.as_slice()),
+            ("second", &b"state-22"[..])
+        );
+        assert!(store.version("doc", 3).unwrap().is_none());
+        let stats = store.stats("doc").unwrap().unwrap();
+        assert_eq!((stats.size_bytes, stats.updates, stats.versions), (4, 2, 2));
+        assert!(stats.last_modified_ms > 0);
+
+        assert!(store.delete("doc").unwrap());
+        assert!(store.versions("doc").unwrap().is_empty());
+        assert!(store.stats("doc").unwrap().is_none());
+        // A recreated document numbers its versions from 1 again; others are untouched.
+        assert_eq!(store.put_version("doc", "new", b"s").unwrap().id, 1);
+        assert_eq!(store.versions("other").unwrap().len(), 1);
     }
 
     #[test]
