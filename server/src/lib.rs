@@ -5,6 +5,7 @@ pub mod config;
 pub mod doc;
 pub mod http;
 pub mod tls;
+pub mod webhooks;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -74,7 +75,8 @@ pub async fn serve(
         store.clone(),
         std::time::Duration::from_millis(config.debug_flush_delay_ms),
     );
-    let registry = Registry::new(store.clone(), flusher, config.clone());
+    let webhooks = webhooks::Webhooks::start(config.webhooks(), store.clone())?;
+    let registry = Registry::new(store.clone(), flusher, config.clone(), webhooks);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let auth = Arc::new(Auth::new(
@@ -86,6 +88,7 @@ pub async fn serve(
     let http_state = web::Data::new(HttpState {
         auth: auth.clone(),
         admin_key: secrets.admin.clone(),
+        docs: registry.clone(),
     });
 
     let connections = TaskTracker::new();

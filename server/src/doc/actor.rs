@@ -14,13 +14,18 @@ use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientID, ClientMessage, Document, DocumentError, StateVector, Update};
 use collab_storage::{Store, StoreError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
 
-use super::messages::{Incoming, Join, JoinError, Kick, Leave, Outgoing, Violation};
+use super::messages::{DocError, Incoming, Join, JoinError, Kick, Leave, Outgoing, Violation};
 use super::registry::Registry;
 use crate::ws::close::CloseCode;
+
+// The backend's requests (HTTP API): apply, read, delete, versions.
+mod backend;
+// Awareness relaying, batched per window.
+mod awareness;
 
 struct Conn {
     tx: mpsc::Sender<Outgoing>,
@@ -37,6 +42,15 @@ enum Pending {
     Update(Vec<u8>),
     /// A message for one connection that reveals content (a SyncStep2 answer).
     One(Uuid, Bytes),
+    /// A backend request waiting until everything before it is durable.
+    Durable(oneshot::Sender<()>),
+}
+
+/// Why an update could not be applied; the actor has already acted on it (failed, or started
+/// rebuilding from storage).
+enum ApplyFailure {
+    Storage,
+    Rejected(String),
 }
 
 /// What loading produced: the document and where its log stands.
@@ -93,6 +107,14 @@ pub struct DocActor {
     awareness_dirty: HashSet<ClientID>,
     /// An awareness broadcast went out less than one batching window ago.
     awareness_window_open: bool,
+    /// A `DeleteDoc` is waiting for writes in flight to finish; joins and backend requests
+    /// are turned away until the document is empty again.
+    deleting: bool,
+    delete_reply: Option<oneshot::Sender<Result<(), DocError>>>,
+    /// An automatic version is scheduled (`--auto-version-secs`).
+    auto_version_armed: bool,
+    /// A version is being written.
+    versioning: bool,
 }
 
 impl DocActor {
@@ -114,6 +136,10 @@ impl DocActor {
             idle_epoch: 0,
             awareness_dirty: HashSet::new(),
             awareness_window_open: false,
+            deleting: false,
+            delete_reply: None,
+            auto_version_armed: false,
+            versioning: false,
         }
     }
 
@@ -151,46 +177,6 @@ impl DocActor {
         }
     }
 
-    /// Relays awareness changes. The first change after a quiet window goes out at once; later
-    /// ones are merged and sent when the window ends, so N clients moving their cursors cost
-    /// every recipient at most one message per window instead of N (each entry carries its
-    /// clock, so a merged message means the same to clients as the separate ones).
-    fn awareness_changed(&mut self, ids: Vec<ClientID>, ctx: &mut Context<Self>) {
-        let window = self.registry.config().awareness_batch();
-        if window.is_zero() || !self.awareness_window_open {
-            if let Some(msg) = self
-                .document
-                .as_ref()
-                .and_then(|d| d.awareness_message_for(ids))
-            {
-                self.broadcast(Bytes::from(msg), ctx);
-            }
-            if !window.is_zero() {
-                self.awareness_window_open = true;
-                ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
-            }
-            return;
-        }
-        self.awareness_dirty.extend(ids);
-    }
-
-    fn awareness_window_ended(&mut self, ctx: &mut Context<Self>) {
-        if self.awareness_dirty.is_empty() {
-            self.awareness_window_open = false;
-            return;
-        }
-        let ids: Vec<ClientID> = self.awareness_dirty.drain().collect();
-        if let Some(msg) = self
-            .document
-            .as_ref()
-            .and_then(|d| d.awareness_message_for(ids))
-        {
-            self.broadcast(Bytes::from(msg), ctx);
-        }
-        let window = self.registry.config().awareness_batch();
-        ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
-    }
-
     /// Removes a connection and, at once, the awareness states it announced.
     fn drop_conn(&mut self, conn: Uuid, ctx: &mut Context<Self>) {
         let Some(c) = self.conns.remove(&conn) else {
@@ -225,7 +211,11 @@ impl DocActor {
         if epoch != self.idle_epoch || !self.conns.is_empty() || self.closing {
             return;
         }
-        if self.flushing.is_some() || self.compacting {
+        if self.auto_version_armed && !self.versioning {
+            // Activity since the last automatic version: take it before leaving.
+            self.auto_version(ctx);
+        }
+        if self.flushing.is_some() || self.compacting || self.versioning || self.deleting {
             // Never leave with writes in flight: a successor would load an older state.
             ctx.run_later(Duration::from_millis(50), move |act, ctx| {
                 act.try_stop(epoch, ctx)
@@ -271,7 +261,11 @@ impl DocActor {
             return;
         }
         let durable: Vec<Pending> = self.pending.drain(..covered).collect();
+        let changed = durable.iter().any(|p| matches!(p, Pending::Update(_)));
         self.deliver(durable, ctx);
+        if changed {
+            self.changed_durably(ctx);
+        }
         self.request_flush(ctx);
         self.maybe_compact(ctx);
     }
@@ -286,6 +280,11 @@ impl DocActor {
                 Pending::One(conn, bytes) => {
                     self.broadcast_updates(&mut run, ctx);
                     self.send_to(conn, bytes, ctx);
+                }
+                Pending::Durable(waiter) => {
+                    // Broadcast first: a backend's 200 then means clients were sent the update.
+                    self.broadcast_updates(&mut run, ctx);
+                    let _ = waiter.send(());
                 }
             }
         }
@@ -403,6 +402,35 @@ impl DocActor {
         }
     }
 
+    /// Applies an update from a client or a backend. What was new is appended to the log and
+    /// queued for broadcast once durable; `Ok(false)` when nothing was new.
+    fn apply(&mut self, update: Update, ctx: &mut Context<Self>) -> Result<bool, ApplyFailure> {
+        let Some(doc) = self.document.as_mut() else {
+            return Err(ApplyFailure::Storage);
+        };
+        match doc.apply_update(update) {
+            Ok(None) => Ok(false),
+            Ok(Some(diff)) => {
+                self.full_state = None;
+                let seq = self.next_seq;
+                if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
+                    self.fail(format!("append failed: {e}"), ctx);
+                    return Err(ApplyFailure::Storage);
+                }
+                self.next_seq += 1;
+                self.log_count += 1;
+                self.log_bytes += diff.len() as u64;
+                self.pending.push(Pending::Update(diff));
+                self.request_flush(ctx);
+                Ok(true)
+            }
+            Err(e) => {
+                self.reload(ctx);
+                Err(ApplyFailure::Rejected(e.to_string()))
+            }
+        }
+    }
+
     fn handle_message(
         &mut self,
         conn: Uuid,
@@ -431,25 +459,14 @@ impl DocActor {
                 self.refuse_write(conn, &update);
             }
             ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
-                match doc.apply_update(update) {
-                    Ok(None) => {}
-                    Ok(Some(diff)) => {
-                        self.full_state = None;
-                        let seq = self.next_seq;
-                        if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
-                            self.fail(format!("append failed: {e}"), ctx);
-                            return Err(Violation::Unavailable("storage failure".into()));
-                        }
-                        self.next_seq += 1;
-                        self.log_count += 1;
-                        self.log_bytes += diff.len() as u64;
-                        self.pending.push(Pending::Update(diff));
-                        self.request_flush(ctx);
+                match self.apply(update, ctx) {
+                    Ok(_) => {}
+                    Err(ApplyFailure::Storage) => {
+                        return Err(Violation::Unavailable("storage failure".into()))
                     }
-                    Err(e) => {
+                    Err(ApplyFailure::Rejected(e)) => {
                         warn!(doc = %self.name, conn = %conn, error = %e, "update rejected; rebuilding document from storage");
-                        self.reload(ctx);
-                        return Err(Violation::UpdateRejected(e.to_string()));
+                        return Err(Violation::UpdateRejected(e));
                     }
                 }
             }
@@ -539,7 +556,8 @@ impl Handler<Join> for DocActor {
         if let Some(reason) = &self.failed {
             return Err(JoinError::Unavailable(reason.clone()));
         }
-        if self.closing {
+        if self.closing || self.deleting {
+            // While deleting: the session retries shortly and joins the emptied document.
             return Err(JoinError::Closing);
         }
         let Some(doc) = self.document.as_ref() else {

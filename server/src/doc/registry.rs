@@ -10,6 +10,7 @@ use collab_storage::Store;
 use super::actor::DocActor;
 use super::flusher::Flusher;
 use crate::config::Config;
+use crate::webhooks::Webhooks;
 
 #[derive(Clone)]
 pub struct Registry {
@@ -21,16 +22,23 @@ struct Inner {
     store: Arc<dyn Store>,
     flusher: Flusher,
     config: Arc<Config>,
+    webhooks: Webhooks,
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn Store>, flusher: Flusher, config: Arc<Config>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        flusher: Flusher,
+        config: Arc<Config>,
+        webhooks: Webhooks,
+    ) -> Self {
         Registry {
             inner: Arc::new(Inner {
                 docs: Mutex::new(HashMap::new()),
                 store,
                 flusher,
                 config,
+                webhooks,
             }),
         }
     }
@@ -69,6 +77,10 @@ impl Registry {
 
     pub fn flusher(&self) -> Flusher {
         self.inner.flusher.clone()
+    }
+
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.inner.webhooks
     }
 
     pub fn config(&self) -> &Config {

@@ -34,6 +34,9 @@ const FRAGMENT: usize = 64 * 1024;
 /// Most messages written before one flush (one `send` syscall) when several are queued.
 const WRITE_BATCH: usize = 64;
 
+/// Tries to join a document that is unloading or being deleted (about half a second in all).
+const JOIN_ATTEMPTS: u64 = 10;
+
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -73,7 +76,11 @@ async fn join(
     kick: Arc<Kick>,
     read_only: bool,
 ) -> Result<Addr<DocActor>, CloseReason> {
-    for _ in 0..5 {
+    for attempt in 0..JOIN_ATTEMPTS {
+        if attempt > 0 {
+            // The document is unloading or being deleted; both take milliseconds.
+            tokio::time::sleep(Duration::from_millis(10 * attempt)).await;
+        }
         let addr = registry.get_or_start(name);
         let msg = Join {
             conn,
