@@ -107,7 +107,7 @@ fn branch_of(out: Out) -> Option<BranchPtr> {
     })
 }
 
-fn branch<T: AsRef<Branch>>(shared: &T) -> BranchPtr {
+pub(crate) fn branch<T: AsRef<Branch>>(shared: &T) -> BranchPtr {
     BranchPtr::from(AsRef::<Branch>::as_ref(shared))
 }
 

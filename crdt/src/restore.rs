@@ -14,7 +14,9 @@ use yrs::undo::Options as UndoOptions;
 use yrs::updates::decoder::Decode;
 use yrs::{Options, Origin, ReadTxn, StateVector, Transact, UndoManager, Update};
 
-use crate::render::{doc_from_update, roots, ContentError};
+use yrs::branch::BranchPtr;
+
+use crate::render::{branch, doc_from_update, roots, ContentError, RootKind};
 
 /// The update that turns `current` (a whole-document state) into content equal to `version`
 /// (a whole-document state of the same document, taken earlier). `None` when the document has
@@ -37,13 +39,26 @@ fn restore(current: &[u8], version: &[u8]) -> Result<Option<Vec<u8>>, ContentErr
     let version_sv = restoring.transact().state_vector();
     let since = live.transact().encode_diff_v1(&version_sv);
 
-    // Every root either document has is in the undo scope; roots created after the version
-    // are made here first (their kind does not travel in updates, so any list type will do).
-    let known: Vec<String> = roots(&restoring).into_iter().map(|(n, ..)| n).collect();
-    for (name, ..) in roots(&live) {
-        if !known.contains(&name) {
-            restoring.get_or_insert_array(name.as_str());
+    // Every root either document has is in the undo scope, with a type: yrs reports changes
+    // (and so the undo manager sees them) only for typed roots, and a root's type does not
+    // travel in updates. The kind is read off the content, the version's first.
+    let mut kinds: Vec<(String, RootKind)> = Vec::new();
+    for (name, _, kind) in roots(&restoring).into_iter().chain(roots(&live)) {
+        match kinds.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, k)) if *k == RootKind::Empty => *k = kind,
+            Some(_) => {}
+            None => kinds.push((name, kind)),
         }
+    }
+    let mut scope: Vec<BranchPtr> = Vec::with_capacity(kinds.len());
+    for (name, kind) in &kinds {
+        let name = name.as_str();
+        scope.push(match kind {
+            RootKind::Text => branch(&restoring.get_or_insert_text(name)),
+            RootKind::Map => branch(&restoring.get_or_insert_map(name)),
+            RootKind::XmlFragment => branch(&restoring.get_or_insert_xml_fragment(name)),
+            RootKind::Array | RootKind::Empty => branch(&restoring.get_or_insert_array(name)),
+        });
     }
     let origin = Origin::from("collab-restore");
     let mut undo = UndoManager::with_options(UndoOptions {
@@ -51,8 +66,8 @@ fn restore(current: &[u8], version: &[u8]) -> Result<Option<Vec<u8>>, ContentErr
         capture_timeout_millis: u64::MAX / 2,
         ..UndoOptions::default()
     });
-    for (_, ptr, _) in roots(&restoring) {
-        undo.expand_scope(&restoring, &ptr);
+    for ptr in &scope {
+        undo.expand_scope(&restoring, ptr);
     }
     undo.include_origin(origin.clone());
     {
@@ -153,5 +168,51 @@ mod tests {
         assert!(restore_update(&state(&doc), &state(&doc))
             .unwrap()
             .is_none());
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use crate::document::Document;
+    use crate::render::render_json;
+    use yrs::{Doc, Map, Text, WriteTxn};
+
+    /// As on the server: a client's edits reach a gc-on `Document` as updates, and no root was
+    /// ever given a type there.
+    #[test]
+    fn restores_a_document_built_from_client_updates() {
+        let client = Doc::new();
+        let mut server = Document::new();
+        let edit = |server: &mut Document, f: &dyn Fn(&mut yrs::TransactionMut)| {
+            let mut txn = client.transact_mut();
+            f(&mut txn);
+            let u = txn.encode_update_v1();
+            drop(txn);
+            server.apply_update(Update::decode_v1(&u).unwrap()).unwrap();
+        };
+        edit(&mut server, &|txn| {
+            let t = txn.get_or_insert_text("t");
+            t.insert(txn, 0, "draft one");
+            txn.get_or_insert_map("m").insert(txn, "k", "v1");
+        });
+        let version = server.encode_state();
+        edit(&mut server, &|txn| {
+            let t = txn.get_or_insert_text("t");
+            t.remove_range(txn, 0, 5);
+            t.insert(txn, 0, "final");
+            txn.get_or_insert_map("m").insert(txn, "k", "v2");
+        });
+        let restore = restore_update(&server.encode_state(), &version)
+            .unwrap()
+            .expect("a change");
+        let diff = server
+            .apply_update(Update::decode_v1(&restore).unwrap())
+            .unwrap();
+        assert!(diff.is_some());
+        assert_eq!(
+            render_json(&server.encode_state()).unwrap(),
+            render_json(&version).unwrap()
+        );
     }
 }
