@@ -453,6 +453,9 @@ async fn names_are_the_websocket_path_and_one_api_segment() {
     assert_eq!(second["next_cursor"], Value::Null);
 }
 
+/// Method, path, headers, body, expected status.
+type Case<'a> = (&'a str, &'a str, Vec<(&'a str, String)>, &'a [u8], u16);
+
 #[tokio::test]
 async fn refusals_have_their_statuses_and_change_nothing() {
     let server = Server::start(&[
@@ -485,7 +488,7 @@ async fn refusals_have_their_statuses_and_change_nothing() {
     writer.wait_synced().await;
 
     // Credentials are checked before anything else (even the document's existence).
-    let cases: Vec<(&str, &str, Vec<(&str, String)>, &[u8], u16)> = vec![
+    let cases: Vec<Case> = vec![
         ("GET", "/api/docs/guarded", vec![], b"", 401),
         (
             "GET",
