@@ -136,6 +136,21 @@ impl Document {
             .encode_diff_v1(&StateVector::default())
     }
 
+    /// What a peer holding `sv` lacks, as one v1 update.
+    pub fn encode_diff(&self, sv: &StateVector) -> Vec<u8> {
+        self.doc().transact().encode_diff_v1(sv)
+    }
+
+    /// Whether `update` starts past what the document holds for some client, so yrs could only
+    /// park it until the missing changes arrive.
+    pub fn lacks_dependencies_of(&self, update: &Update) -> bool {
+        let ours = self.state_vector();
+        update
+            .state_vector_lower()
+            .iter()
+            .any(|(client, clock)| *clock > ours.get(client))
+    }
+
     /// Applies a client's update. Returns the part of it that was new to the document, which is
     /// what gets persisted and broadcast; `None` when nothing changed (a duplicate, or blocks
     /// still waiting for missing predecessors), in which case the reference server sends nothing.
@@ -392,6 +407,18 @@ mod tests {
         assert!(!server.carries_new(&sync(&client)));
         assert!(!server.carries_new(&Update::new()));
         assert!(server.carries_new(&edit(&client, 0, "x")));
+    }
+
+    #[test]
+    fn an_update_that_skips_ahead_lacks_dependencies() {
+        let client = Doc::new();
+        let mut server = Document::new();
+        let first = edit(&client, 0, "a");
+        let second = edit(&client, 1, "b");
+        assert!(server.lacks_dependencies_of(&second));
+        assert!(!server.lacks_dependencies_of(&first));
+        server.apply_update(first).unwrap();
+        assert!(!server.lacks_dependencies_of(&second));
     }
 
     #[test]

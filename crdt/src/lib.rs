@@ -8,8 +8,12 @@ pub mod document;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod protocol;
+pub mod render;
+pub mod restore;
 
 pub use document::{AwarenessChange, Document, DocumentError};
 pub use protocol::{decode_frame, ClientMessage, ProtocolError};
+pub use render::{render_json, ContentError};
+pub use restore::restore_update;
 pub use yrs::sync::awareness::AwarenessUpdate;
 pub use yrs::{ClientID, StateVector, Update};

@@ -237,6 +237,29 @@ pub struct Config {
     #[arg(long, env = "COLLAB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Store a version of a document after this many seconds of activity (labelled "auto");
+    /// 0 turns automatic versions off.
+    #[arg(long, env = "COLLAB_AUTO_VERSION_SECS", default_value_t = 0)]
+    pub auto_version_secs: u64,
+
+    /// URL that receives signed webhooks (`document.updated`, `document.deleted`) as JSON
+    /// POSTs. Repeat the flag (or separate with commas) for several receivers.
+    #[arg(
+        long = "webhook-url",
+        env = "COLLAB_WEBHOOK_URL",
+        value_delimiter = ','
+    )]
+    pub webhook_urls: Vec<String>,
+
+    /// Secret for the webhooks' `X-Collab-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+    #[arg(long, env = "COLLAB_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
+
+    /// Quiet time after a document's last change before `document.updated` is sent; a document
+    /// edited without pause is reported every 5 windows.
+    #[arg(long, env = "COLLAB_WEBHOOK_DEBOUNCE_MS", default_value_t = 2000)]
+    pub webhook_debounce_ms: u64,
+
     /// PEM certificate chain: serve HTTPS and wss:// on --addr (needs --tls-key).
     #[arg(long, env = "COLLAB_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -267,6 +290,10 @@ pub enum ConfigError {
     OpenOnPublicAddress { addr: String },
     #[error("--allow-anonymous-read needs --auth-secret (without a secret everyone may write)")]
     AnonymousReadWithoutSecret,
+    #[error("--webhook-url {0:?} is not an http:// or https:// URL")]
+    WebhookUrl(String),
+    #[error("--webhook-secret is empty")]
+    EmptyWebhookSecret,
     #[error("cannot resolve --addr {addr}: {source}")]
     Addr {
         addr: String,
@@ -313,6 +340,17 @@ impl Config {
             auth: read_secret(&self.auth_secret, &self.auth_secret_file, "--auth-secret")?,
             admin: read_secret(&self.admin_key, &self.admin_key_file, "--admin-key")?,
         };
+        for url in &self.webhook_urls {
+            let ok = url.parse::<actix_web::http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(ConfigError::WebhookUrl(url.clone()));
+            }
+        }
+        if self.webhook_secret.as_ref().is_some_and(Secret::is_empty) {
+            return Err(ConfigError::EmptyWebhookSecret);
+        }
         if secrets.auth.is_none() {
             if self.allow_anonymous_read {
                 return Err(ConfigError::AnonymousReadWithoutSecret);
@@ -350,6 +388,19 @@ impl Config {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+
+    /// `--auto-version-secs`, `None` when off.
+    pub fn auto_version(&self) -> Option<Duration> {
+        (self.auto_version_secs > 0).then(|| Duration::from_secs(self.auto_version_secs))
+    }
+
+    pub fn webhooks(&self) -> crate::webhooks::WebhookConfig {
+        crate::webhooks::WebhookConfig {
+            urls: self.webhook_urls.clone(),
+            secret: self.webhook_secret.clone(),
+            debounce: Duration::from_millis(self.webhook_debounce_ms),
+        }
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -45,6 +45,11 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
     std::env::var_os("COLLAB_CONFIG").map(PathBuf::from)
 }
 
+/// The file's key for a flag: its long name with `_` for `-`.
+fn key_of(arg: &clap::Arg) -> Option<String> {
+    arg.get_long().map(|l| l.replace('-', "_"))
+}
+
 fn as_arg_value(value: &toml::Value) -> Option<String> {
     match value {
         toml::Value::String(s) => Some(s.clone()),
@@ -96,7 +101,7 @@ pub fn settings(path: &Path, text: &str) -> Result<Vec<(String, String)>, Config
         };
         let arg = cmd
             .get_arguments()
-            .find(|a| a.get_id().as_str() == key && key != "config")
+            .find(|a| key_of(a).as_deref() == Some(key.as_str()) && key != "config")
             .ok_or_else(unknown)?;
         let env = arg
             .get_env()
@@ -179,7 +184,7 @@ mod tests {
         let expected: std::collections::BTreeSet<String> = Cli::command()
             .get_arguments()
             .filter(|a| a.get_env().is_some() && a.get_id() != "config")
-            .map(|a| a.get_id().to_string())
+            .filter_map(key_of)
             .collect();
         assert_eq!(listed, expected);
     }

@@ -8,6 +8,7 @@ pub mod doc;
 pub mod http;
 pub mod telemetry;
 pub mod tls;
+pub mod webhooks;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -88,7 +89,8 @@ pub async fn serve(
         std::time::Duration::from_millis(config.debug_flush_delay_ms),
         fatal.clone(),
     );
-    let registry = Registry::new(store.clone(), flusher, config.clone());
+    let webhooks = webhooks::Webhooks::start(config.webhooks(), store.clone())?;
+    let registry = Registry::new(store.clone(), flusher, config.clone(), webhooks);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let auth = Arc::new(Auth::new(

@@ -64,6 +64,29 @@ pub struct DocMeta {
     pub snapshot_chunks: u32,
 }
 
+/// One stored version of a document (bincode-encoded beside its state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionMeta {
+    /// 1, 2, 3... per document; a deleted and recreated document starts again at 1.
+    pub id: u64,
+    pub label: String,
+    pub created_at_ms: u64,
+    /// Bytes of the stored state.
+    pub size: u64,
+}
+
+/// Size and activity of a stored document, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocStats {
+    /// Stored bytes: the snapshot plus the live log.
+    pub size_bytes: u64,
+    /// Updates ever appended (the next sequence number).
+    pub updates: u64,
+    /// The last append this process saw, else the last compaction, milliseconds since the epoch.
+    pub last_modified_ms: u64,
+    pub versions: u64,
+}
+
 /// Everything stored for one document, in the order it must be applied.
 #[derive(Debug, Default)]
 pub struct StoredDoc {
@@ -149,8 +172,17 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<String>, StoreError>;
     /// Snapshot metadata of one document, if it has been compacted.
     fn meta(&self, doc: &str) -> Result<Option<DocMeta>, StoreError>;
-    /// Removes a document entirely; returns whether it existed.
+    /// Removes a document entirely, its versions included; returns whether it existed.
     fn delete(&self, doc: &str) -> Result<bool, StoreError>;
+    /// Size and activity of one document, if it is stored.
+    fn stats(&self, doc: &str) -> Result<Option<DocStats>, StoreError>;
+    /// Stores `state` (a whole-document Yjs v1 update) as a new version of `doc`, with the next
+    /// id of that document. Durable when it returns.
+    fn put_version(&self, doc: &str, label: &str, state: &[u8]) -> Result<VersionMeta, StoreError>;
+    /// The versions of `doc`, oldest first.
+    fn versions(&self, doc: &str) -> Result<Vec<VersionMeta>, StoreError>;
+    /// One version with its state.
+    fn version(&self, doc: &str, id: u64) -> Result<Option<(VersionMeta, Vec<u8>)>, StoreError>;
     /// Reads and verifies everything stored (every log record, every snapshot against its CRC
     /// and against the log's record of it); returns the damage found, sorted, empty if none.
     fn check(&self) -> Result<Vec<Damage>, StoreError>;

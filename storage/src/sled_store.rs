@@ -8,13 +8,19 @@ use tracing::info;
 
 use crate::recovery::Mark;
 use crate::wal::Wal;
-use crate::{Damage, DocMeta, Store, StoreError, StoredDoc, FORMAT_VERSION};
+use crate::{Damage, DocMeta, DocStats, Store, StoreError, StoredDoc, VersionMeta, FORMAT_VERSION};
 
 // One sled tree. Keys: a record kind byte, the document name length-prefixed (so one name is
 // never a prefix of another's keys), then for chunks the big-endian chunk index so that sled's
 // key order is the snapshot's byte order.
 const META: u8 = b'm';
 const CHUNK: u8 = b'c';
+// Versions beside the document, under the same name so a delete removes them together: its
+// version counter, each version's description, and each version's state in chunks (key: name,
+// u64 BE id, u32 BE chunk). Versions are whole states, so compaction never touches them.
+const VERSION_COUNTER: u8 = b'n';
+const VERSION_META: u8 = b'V';
+const VERSION_CHUNK: u8 = b'v';
 // Format 1 kept the snapshot as one value and the log in sled; read only to convert.
 const V1_SNAPSHOT: u8 = b's';
 const V1_LOG: u8 = b'u';
@@ -31,6 +37,19 @@ fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
     key.extend_from_slice(&len.to_be_bytes());
     key.extend_from_slice(doc.as_bytes());
     Ok(key)
+}
+
+fn version_chunk_key(doc: &str, id: u64, index: u32) -> Result<Vec<u8>, StoreError> {
+    let mut key = doc_key(VERSION_CHUNK, doc)?;
+    key.extend_from_slice(&id.to_be_bytes());
+    key.extend_from_slice(&index.to_be_bytes());
+    Ok(key)
+}
+
+fn decode_version(doc: &str, raw: &[u8]) -> Result<VersionMeta, StoreError> {
+    bincode::serde::decode_from_slice(raw, bincode_config())
+        .map(|(v, _)| v)
+        .map_err(|e| corrupt(doc, format!("version record: {e}")))
 }
 
 fn chunk_key(doc: &str, index: u32) -> Result<Vec<u8>, StoreError> {
@@ -120,6 +139,8 @@ fn mark_of(meta: &DocMeta) -> Mark {
 pub struct SledStore {
     db: Db,
     wal: Wal,
+    /// When each document was last appended to by this process (for listings).
+    touched: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Found damaged when opened: never served.
     damaged: BTreeMap<String, String>,
     opened_damage: Vec<Damage>,
@@ -140,6 +161,7 @@ impl SledStore {
         let mut store = SledStore {
             db,
             wal,
+            touched: Default::default(),
             damaged: BTreeMap::new(),
             opened_damage: Vec::new(),
         };
@@ -411,7 +433,11 @@ impl Store for SledStore {
 
     fn append(&self, doc: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
         doc_key(META, doc)?;
-        self.wal.append_update(doc, seq, update)
+        self.wal.append_update(doc, seq, update)?;
+        if let Ok(mut touched) = self.touched.lock() {
+            touched.insert(doc.to_owned(), now_ms());
+        }
+        Ok(())
     }
 
     fn compact(&self, doc: &str, snapshot: &[u8], upto: u64) -> Result<(), StoreError> {
@@ -449,13 +475,109 @@ impl Store for SledStore {
         let existed = self.db.contains_key(&meta_key)? || self.wal.documents().contains_key(doc);
         let mut batch = Batch::default();
         batch.remove(meta_key);
-        for item in self.db.scan_prefix(doc_key(CHUNK, doc)?) {
-            batch.remove(item?.0);
+        batch.remove(doc_key(VERSION_COUNTER, doc)?);
+        for kind in [CHUNK, VERSION_META, VERSION_CHUNK] {
+            for item in self.db.scan_prefix(doc_key(kind, doc)?) {
+                batch.remove(item?.0);
+            }
         }
         self.db.apply_batch(batch)?;
+        if let Ok(mut touched) = self.touched.lock() {
+            touched.remove(doc);
+        }
         self.db.flush()?;
         self.wal.append_delete(doc)?;
         Ok(existed)
+    }
+
+    fn stats(&self, doc: &str) -> Result<Option<DocStats>, StoreError> {
+        let meta = self.meta(doc)?;
+        let log = self.wal.log_stats(doc);
+        if meta.is_none() && log.is_none() {
+            return Ok(None);
+        }
+        let (log_bytes, next_seq) = log.unwrap_or((0, 0));
+        let touched = self
+            .touched
+            .lock()
+            .ok()
+            .and_then(|t| t.get(doc).copied())
+            .unwrap_or(0);
+        let versions = self.db.scan_prefix(doc_key(VERSION_META, doc)?).count() as u64;
+        Ok(Some(DocStats {
+            size_bytes: meta.as_ref().map_or(0, |m| m.snapshot_bytes) + log_bytes,
+            updates: next_seq.max(meta.as_ref().map_or(0, |m| m.snapshot_upto)),
+            last_modified_ms: touched.max(meta.as_ref().map_or(0, |m| m.snapshot_at_ms)),
+            versions,
+        }))
+    }
+
+    fn put_version(&self, doc: &str, label: &str, state: &[u8]) -> Result<VersionMeta, StoreError> {
+        // An atomic increment, so concurrent requests for one document never share an id.
+        let counter = self
+            .db
+            .update_and_fetch(doc_key(VERSION_COUNTER, doc)?, |old| {
+                let n = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some((n + 1).to_be_bytes().to_vec())
+            })?;
+        let id = counter
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| corrupt(doc, "version counter of the wrong size"))?;
+        let version = VersionMeta {
+            id,
+            label: label.to_owned(),
+            created_at_ms: now_ms(),
+            size: state.len() as u64,
+        };
+        let record = bincode::serde::encode_to_vec(&version, bincode_config())
+            .map_err(|e| corrupt(doc, format!("version record: {e}")))?;
+        let mut batch = Batch::default();
+        let mut meta_key = doc_key(VERSION_META, doc)?;
+        meta_key.extend_from_slice(&id.to_be_bytes());
+        batch.insert(meta_key, record);
+        // Chunked like snapshots, so a large version never becomes a sled blob file.
+        for (i, chunk) in state.chunks(CHUNK_SIZE).enumerate() {
+            batch.insert(version_chunk_key(doc, id, i as u32)?, chunk);
+        }
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(version)
+    }
+
+    fn versions(&self, doc: &str) -> Result<Vec<VersionMeta>, StoreError> {
+        self.db
+            .scan_prefix(doc_key(VERSION_META, doc)?)
+            .map(|item| decode_version(doc, &item?.1))
+            .collect()
+    }
+
+    fn version(&self, doc: &str, id: u64) -> Result<Option<(VersionMeta, Vec<u8>)>, StoreError> {
+        let mut meta_key = doc_key(VERSION_META, doc)?;
+        meta_key.extend_from_slice(&id.to_be_bytes());
+        let Some(raw) = self.db.get(meta_key)? else {
+            return Ok(None);
+        };
+        let meta = decode_version(doc, &raw)?;
+        let mut prefix = doc_key(VERSION_CHUNK, doc)?;
+        prefix.extend_from_slice(&id.to_be_bytes());
+        let mut state = Vec::with_capacity(meta.size as usize);
+        for item in self.db.scan_prefix(prefix) {
+            state.extend_from_slice(&item?.1);
+        }
+        if state.len() as u64 != meta.size {
+            return Err(corrupt(
+                doc,
+                format!(
+                    "version {id} holds {} of its {} bytes",
+                    state.len(),
+                    meta.size
+                ),
+            ));
+        }
+        Ok(Some((meta, state)))
     }
 
     fn check(&self) -> Result<Vec<Damage>, StoreError> {

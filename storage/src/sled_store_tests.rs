@@ -293,3 +293,46 @@ fn format_1_folders_are_converted() {
     );
     assert_eq!(store.check().unwrap(), vec![]);
 }
+
+#[test]
+fn versions_survive_compaction_and_go_with_the_document() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.append("doc", 0, b"one").unwrap();
+        store.append("doc", 1, b"two").unwrap();
+        let v1 = store.put_version("doc", "first", b"state-1").unwrap();
+        // Bigger than a chunk: stored in pieces, read back whole.
+        let big = vec![7u8; CHUNK_SIZE * 2 + 5];
+        let v2 = store.put_version("doc", "second", &big).unwrap();
+        assert_eq!((v1.id, v2.id, v2.size), (1, 2, big.len() as u64));
+        store.put_version("other", "x", b"o").unwrap();
+        store.compact("doc", b"snap", 2).unwrap();
+        store.flush().unwrap();
+    }
+    let store = reopen(dir.path());
+    let labels: Vec<String> = store
+        .versions("doc")
+        .unwrap()
+        .into_iter()
+        .map(|v| v.label)
+        .collect();
+    assert_eq!(labels, vec!["first", "second"]);
+    let (meta, state) = store.version("doc", 2).unwrap().unwrap();
+    assert_eq!(
+        (meta.label.as_str(), state.len()),
+        ("second", CHUNK_SIZE * 2 + 5)
+    );
+    assert!(store.version("doc", 3).unwrap().is_none());
+    let stats = store.stats("doc").unwrap().unwrap();
+    assert_eq!((stats.size_bytes, stats.updates, stats.versions), (4, 2, 2));
+    assert!(stats.last_modified_ms > 0);
+
+    assert!(store.delete("doc").unwrap());
+    store.flush().unwrap();
+    assert!(store.versions("doc").unwrap().is_empty());
+    assert!(store.stats("doc").unwrap().is_none());
+    // A recreated document numbers its versions from 1 again; others are untouched.
+    assert_eq!(store.put_version("doc", "new", b"s").unwrap().id, 1);
+    assert_eq!(store.versions("other").unwrap().len(), 1);
+}

@@ -518,6 +518,22 @@ impl Wal {
         Ok((out, mark))
     }
 
+    /// Bytes of `doc`'s live log entries (as recorded, framing included) and the sequence
+    /// number after its last one; `None` when the log knows nothing of it.
+    pub(crate) fn log_stats(&self, doc: &str) -> Option<(u64, u64)> {
+        let inner = lock(&self.inner);
+        let log = inner.docs.get(doc)?;
+        let bytes = log
+            .records
+            .values()
+            .map(|loc| match loc {
+                Loc::Buffered { len, .. } | Loc::File { len, .. } => u64::from(*len),
+            })
+            .sum();
+        let next = log.records.keys().next_back().map_or(0, |seq| seq + 1);
+        Some((bytes, next))
+    }
+
     /// Documents with live log entries or a snapshot marker, with their log's sequence numbers.
     pub(crate) fn documents(&self) -> BTreeMap<String, (Vec<u64>, Option<Mark>)> {
         let inner = lock(&self.inner);

@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use collab_crdt::ClientMessage;
+use collab_crdt::{ClientMessage, StateVector};
 use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
 
@@ -128,3 +128,52 @@ pub struct Evict;
 pub struct Leave {
     pub conn: Uuid,
 }
+
+/// Why a document could not answer a backend's request (the HTTP API).
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error("not a valid Yjs update: {0}")]
+    InvalidUpdate(String),
+    #[error("the update depends on changes the document does not have")]
+    MissingDependencies,
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the document is being deleted")]
+    Deleting,
+    /// The actor is unloading; the caller asks the registry again.
+    #[error("document is closing")]
+    Closing,
+    #[error("document unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A backend's update (`POST /api/docs/{name}/update`), applied, stored and broadcast exactly
+/// like a client's. Answered once a flush covers it: a 200 means durable.
+#[derive(Message)]
+#[rtype(result = "Result<Applied, DocError>")]
+pub struct ApplyUpdate {
+    /// A Yjs v1 update, already checked to decode (the actor decodes it again rather than
+    /// cloning a decoded one for retries).
+    pub update: Bytes,
+}
+
+#[derive(Debug)]
+pub struct Applied {
+    /// False when the document already had all of it.
+    pub changed: bool,
+}
+
+/// The document's content as a Yjs v1 update: all of it, or what `sv` lacks. Answered once
+/// everything it reveals is durable.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u8>, DocError>")]
+pub struct ReadState {
+    pub sv: Option<StateVector>,
+}
+
+/// Deletes the document: its connections are closed with 4404, its storage (versions included)
+/// is removed, and the actor carries on with an empty document, so a join racing the delete
+/// waits and then sees the empty document rather than the old one.
+#[derive(Message)]
+#[rtype(result = "Result<(), DocError>")]
+pub struct DeleteDoc;

@@ -16,6 +16,7 @@ use super::flusher::Flusher;
 use super::messages::Evict;
 use crate::config::Config;
 use crate::counters::count;
+use crate::webhooks::Webhooks;
 
 #[derive(Clone)]
 pub struct Registry {
@@ -49,16 +50,23 @@ struct Inner {
     store: Arc<dyn Store>,
     flusher: Flusher,
     config: Arc<Config>,
+    webhooks: Webhooks,
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn Store>, flusher: Flusher, config: Arc<Config>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        flusher: Flusher,
+        config: Arc<Config>,
+        webhooks: Webhooks,
+    ) -> Self {
         Registry {
             inner: Arc::new(Inner {
                 docs: Mutex::new(Docs::default()),
                 store,
                 flusher,
                 config,
+                webhooks,
             }),
         }
     }
@@ -134,6 +142,10 @@ impl Registry {
 
     pub fn flusher(&self) -> Flusher {
         self.inner.flusher.clone()
+    }
+
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.inner.webhooks
     }
 
     pub fn config(&self) -> &Config {

@@ -10,6 +10,10 @@ pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 /// y-websocket clients stop reconnecting, so the application can fetch a fresh token first.
 pub const TOKEN_EXPIRED: u16 = 4401;
 
+/// The document was deleted over HTTP (`DELETE /api/docs/{name}`). Also in 4400-4499: a stock
+/// client that reconnected would upload its copy and bring the document back.
+pub const DOC_DELETED: u16 = 4404;
+
 /// Why the server closes a connection: the code and text of the close frame it sends.
 #[derive(Clone, Debug)]
 pub struct CloseReason {
@@ -26,6 +30,10 @@ pub fn reason(code: CloseCode, description: impl Into<String>) -> CloseReason {
 
 pub fn token_expired() -> CloseReason {
     reason(CloseCode::from(TOKEN_EXPIRED), "token expired")
+}
+
+pub fn doc_deleted() -> CloseReason {
+    reason(CloseCode::from(DOC_DELETED), "document deleted")
 }
 
 pub fn protocol_close(e: &ProtocolError) -> CloseReason {
@@ -70,5 +78,6 @@ mod tests {
     #[test]
     fn token_expired_is_sent_as_4401() {
         assert_eq!(u16::from(token_expired().code), 4401);
+        assert_eq!(u16::from(doc_deleted().code), 4404);
     }
 }

@@ -28,6 +28,9 @@ const WRITE_BATCH: usize = 64;
 /// A far-off instant for timers whose select branch is disabled.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Tries to join a document that is unloading or being deleted (about half a second in all).
+const JOIN_ATTEMPTS: u64 = 10;
+
 /// What the upgrade decided about a connection.
 pub struct Admitted {
     pub name: String,
@@ -46,7 +49,11 @@ async fn join(
     kick: Arc<Kick>,
     read_only: bool,
 ) -> Result<Addr<DocActor>, CloseReason> {
-    for _ in 0..5 {
+    for attempt in 0..JOIN_ATTEMPTS {
+        if attempt > 0 {
+            // The document is unloading or being deleted; both take milliseconds.
+            tokio::time::sleep(Duration::from_millis(10 * attempt)).await;
+        }
         let addr = match registry.get_or_start(name) {
             Ok(addr) => addr,
             Err(RegistryFull(limit)) => {

@@ -8,7 +8,7 @@ use collab_crdt::{ClientMessage, StateVector, Update};
 use tracing::warn;
 use uuid::Uuid;
 
-use super::{DocActor, Pending};
+use super::{ApplyFailure, DocActor, Pending};
 use crate::counters::count;
 use crate::doc::messages::{Incoming, Violation};
 use crate::telemetry::{Kind, Refusal, METRICS};
@@ -76,37 +76,15 @@ impl DocActor {
             }
             ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
                 self.check_document_size(frame_bytes)?;
-                let Some(doc) = self.document.as_mut() else {
-                    return Err(Violation::Unavailable("not loaded".into()));
-                };
-                let started = Instant::now();
-                let applied = doc.apply_update(update);
-                METRICS
-                    .apply_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                match applied {
-                    Ok(None) => {}
-                    Ok(Some(diff)) => {
-                        self.full_state = None;
-                        let seq = self.next_seq;
-                        if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
-                            METRICS.storage_errors.inc();
-                            self.fail(format!("append failed: {e}"), ctx);
-                            return Err(Violation::Unavailable("storage failure".into()));
-                        }
-                        self.next_seq += 1;
-                        self.log_count += 1;
-                        self.log_bytes += diff.len() as u64;
-                        self.encoded_estimate += diff.len() as u64;
-                        METRICS.updates_applied.inc();
-                        self.pending.push(Pending::Update(diff, received));
-                        self.request_flush(ctx);
+                match self.apply(update, received, ctx) {
+                    Ok(_) => {}
+                    Err(ApplyFailure::Storage) => {
+                        return Err(Violation::Unavailable("storage failure".into()))
                     }
-                    Err(e) => {
+                    Err(ApplyFailure::Rejected(e)) => {
                         METRICS.update_refused(Refusal::Malformed);
                         warn!(doc = %self.name, conn = %conn, error = %e, "update rejected; rebuilding document from storage");
-                        self.reload(ctx);
-                        return Err(Violation::UpdateRejected(e.to_string()));
+                        return Err(Violation::UpdateRejected(e));
                     }
                 }
             }
@@ -150,12 +128,54 @@ impl DocActor {
         Ok(0)
     }
 
+    /// Applies an update from a client or a backend. What was new is appended to the log and
+    /// queued for broadcast once durable; `Ok(false)` when nothing was new.
+    pub(super) fn apply(
+        &mut self,
+        update: Update,
+        received: Instant,
+        ctx: &mut Context<Self>,
+    ) -> Result<bool, ApplyFailure> {
+        let Some(doc) = self.document.as_mut() else {
+            return Err(ApplyFailure::Storage);
+        };
+        let started = Instant::now();
+        let applied = doc.apply_update(update);
+        METRICS
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match applied {
+            Ok(None) => Ok(false),
+            Ok(Some(diff)) => {
+                self.full_state = None;
+                let seq = self.next_seq;
+                if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
+                    METRICS.storage_errors.inc();
+                    self.fail(format!("append failed: {e}"), ctx);
+                    return Err(ApplyFailure::Storage);
+                }
+                self.next_seq += 1;
+                self.log_count += 1;
+                self.log_bytes += diff.len() as u64;
+                self.encoded_estimate += diff.len() as u64;
+                METRICS.updates_applied.inc();
+                self.pending.push(Pending::Update(diff, received));
+                self.request_flush(ctx);
+                Ok(true)
+            }
+            Err(e) => {
+                self.reload(ctx);
+                Err(ApplyFailure::Rejected(e.to_string()))
+            }
+        }
+    }
+
     /// Refuses an update of up to `incoming` bytes that could take the document past
     /// `--max-document-bytes`. The running estimate (encoded size at load or compaction plus
     /// every diff since) only grows faster than the real size, so it is exact enough far from
     /// the limit; near it the document is measured, at most once per 1/64 of the limit
     /// written, so a full document cannot make every keystroke re-encode it.
-    fn check_document_size(&mut self, incoming: usize) -> Result<(), Violation> {
+    pub(super) fn check_document_size(&mut self, incoming: usize) -> Result<(), Violation> {
         let max = self.registry.config().max_document_bytes;
         let incoming = incoming as u64;
         if self.encoded_estimate + incoming <= max {

@@ -14,13 +14,20 @@ use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientID, Document, DocumentError};
 use collab_storage::{CompactionPolicy, Store, StoreError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, info_span, warn};
 use uuid::Uuid;
 
+// Awareness relaying, batched per window.
+mod awareness;
+// The backend's requests (HTTP API): apply, read, delete, versions.
+mod backend;
+// A connection's frames: sync, updates, awareness.
 mod input;
 
-use super::messages::{DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing};
+use super::messages::{
+    DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
+};
 use super::registry::Registry;
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
@@ -43,6 +50,15 @@ enum Pending {
     Update(Vec<u8>, std::time::Instant),
     /// A message for one connection that reveals content (a SyncStep2 answer).
     One(Uuid, Bytes),
+    /// A backend request waiting until everything before it is durable.
+    Durable(oneshot::Sender<()>),
+}
+
+/// Why an update could not be applied; the actor has already acted on it (failed, or started
+/// rebuilding from storage).
+enum ApplyFailure {
+    Storage,
+    Rejected(String),
 }
 
 /// What loading produced: the document and where its log stands.
@@ -108,6 +124,14 @@ pub struct DocActor {
     measured_at: u64,
     /// Counted in the loaded-documents gauge (loaded successfully, not yet stopped).
     counted_loaded: bool,
+    /// A `DeleteDoc` is waiting for writes in flight to finish; joins and backend requests
+    /// are turned away until the document is empty again.
+    deleting: bool,
+    delete_reply: Option<oneshot::Sender<Result<(), DocError>>>,
+    /// An automatic version is scheduled (`--auto-version-secs`).
+    auto_version_armed: bool,
+    /// A version is being written.
+    versioning: bool,
 }
 
 impl DocActor {
@@ -133,6 +157,10 @@ impl DocActor {
             encoded_estimate: 0,
             measured_at: 0,
             counted_loaded: false,
+            deleting: false,
+            delete_reply: None,
+            auto_version_armed: false,
+            versioning: false,
         }
     }
 
@@ -181,46 +209,6 @@ impl DocActor {
         METRICS.bytes_sent.get(kind).inc_by(sent * len);
     }
 
-    /// Relays awareness changes. The first change after a quiet window goes out at once; later
-    /// ones are merged and sent when the window ends, so N clients moving their cursors cost
-    /// every recipient at most one message per window instead of N (each entry carries its
-    /// clock, so a merged message means the same to clients as the separate ones).
-    fn awareness_changed(&mut self, ids: Vec<ClientID>, ctx: &mut Context<Self>) {
-        let window = self.registry.config().awareness_batch();
-        if window.is_zero() || !self.awareness_window_open {
-            if let Some(msg) = self
-                .document
-                .as_ref()
-                .and_then(|d| d.awareness_message_for(ids))
-            {
-                self.broadcast(Bytes::from(msg), Kind::Awareness, ctx);
-            }
-            if !window.is_zero() {
-                self.awareness_window_open = true;
-                ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
-            }
-            return;
-        }
-        self.awareness_dirty.extend(ids);
-    }
-
-    fn awareness_window_ended(&mut self, ctx: &mut Context<Self>) {
-        if self.awareness_dirty.is_empty() {
-            self.awareness_window_open = false;
-            return;
-        }
-        let ids: Vec<ClientID> = self.awareness_dirty.drain().collect();
-        if let Some(msg) = self
-            .document
-            .as_ref()
-            .and_then(|d| d.awareness_message_for(ids))
-        {
-            self.broadcast(Bytes::from(msg), Kind::Awareness, ctx);
-        }
-        let window = self.registry.config().awareness_batch();
-        ctx.run_later(window, |act, ctx| act.awareness_window_ended(ctx));
-    }
-
     /// Removes a connection and, at once, the awareness states it announced.
     fn drop_conn(&mut self, conn: Uuid, ctx: &mut Context<Self>) {
         let Some(c) = self.conns.remove(&conn) else {
@@ -254,7 +242,11 @@ impl DocActor {
         if epoch != self.idle_epoch || !self.conns.is_empty() || self.closing {
             return;
         }
-        if self.flushing.is_some() || self.compacting {
+        if self.auto_version_armed && !self.versioning {
+            // Activity since the last automatic version: take it before leaving.
+            self.auto_version(ctx);
+        }
+        if self.flushing.is_some() || self.compacting || self.versioning || self.deleting {
             // Never leave with writes in flight: a successor would load an older state.
             ctx.run_later(Duration::from_millis(50), move |act, ctx| {
                 act.try_stop(epoch, ctx)
@@ -300,7 +292,11 @@ impl DocActor {
             return;
         }
         let durable: Vec<Pending> = self.pending.drain(..covered).collect();
+        let changed = durable.iter().any(|p| matches!(p, Pending::Update(..)));
         self.deliver(durable, ctx);
+        if changed {
+            self.changed_durably(ctx);
+        }
         self.request_flush(ctx);
         self.maybe_compact(ctx);
     }
@@ -320,6 +316,11 @@ impl DocActor {
                 Pending::One(conn, bytes) => {
                     self.broadcast_updates(&mut run, ctx);
                     self.send_to(conn, bytes, Kind::SyncStep2, ctx);
+                }
+                Pending::Durable(waiter) => {
+                    // Broadcast first: a backend's 200 then means clients were sent the update.
+                    self.broadcast_updates(&mut run, ctx);
+                    let _ = waiter.send(());
                 }
             }
         }
@@ -497,7 +498,8 @@ impl Handler<Join> for DocActor {
         if let Some(reason) = &self.failed {
             return Err(JoinError::Unavailable(reason.clone()));
         }
-        if self.closing {
+        if self.closing || self.deleting {
+            // While deleting: the session retries shortly and joins the emptied document.
             return Err(JoinError::Closing);
         }
         let Some(doc) = self.document.as_ref() else {
