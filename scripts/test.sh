@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== cargo build (the integration tests run the real binary)"
+echo "== cargo build (the integration tests run the real binary and the embedding example)"
 cargo build --workspace --bins
+cargo build -p collab-server --example embed
 export COLLAB_BIN="$PWD/target/debug/collab"
 
 echo "== cargo test"

@@ -3,8 +3,10 @@
 pub mod auth;
 pub mod config;
 pub mod config_file;
+pub mod core;
 pub mod counters;
 pub mod doc;
+pub mod embed;
 pub mod http;
 pub mod telemetry;
 pub mod tls;
@@ -18,26 +20,14 @@ use actix_http::{HttpService, TlsAcceptorConfig};
 use actix_service::{fn_service, map_config, IntoServiceFactory};
 use actix_web::dev::AppConfig;
 use actix_web::{web, App};
-use collab_storage::{SledStore, Store, StoreError};
+use collab_storage::StoreError;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
-use auth::{Auth, Origins};
 pub use config::{Config, Secrets};
-use doc::flusher::Flusher;
-use doc::registry::Registry;
+use core::Core;
 use http::HttpState;
-use ws::limits::{connection_cap, Slots};
-use ws::metered::IncomingBudget;
-use ws::upgrade::{upgrade, Upgrades};
-
-/// How long the last flush at shutdown may take before the process gives up on it.
-const FINAL_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// How long shutdown waits for connections to send their close frames.
-const SHUTDOWN_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+use ws::upgrade::upgrade;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -76,56 +66,21 @@ pub async fn serve(
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         _ => None,
     };
-    let store = SledStore::open(&config.data_dir).map_err(|source| ServerError::OpenStore {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    report_stored_documents(&store);
-    let store: Arc<dyn Store> = Arc::new(store);
-    let config = Arc::new(config);
-    let (fatal, _) = watch::channel(None::<String>);
-    let flusher = Flusher::start(
-        store.clone(),
-        std::time::Duration::from_millis(config.debug_flush_delay_ms),
-        fatal.clone(),
-    );
-    let webhooks = webhooks::Webhooks::start(config.webhooks(), store.clone())?;
-    let registry = Registry::new(store.clone(), flusher, config.clone(), webhooks);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
-    let auth = Arc::new(Auth::new(
-        secrets.auth.as_ref(),
-        config.allow_anonymous_read,
-    ));
-    let origins = Arc::new(Origins::new(&config.allowed_origins));
-    report_access(&config, &secrets, &origins);
+    let core = Core::open(config, &secrets)?;
+    let config = core.config.clone();
     let shutting_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_state = web::Data::new(HttpState {
-        auth: auth.clone(),
+        auth: core.auth.clone(),
         admin_key: secrets.admin.clone(),
-        docs: registry.clone(),
+        docs: core.registry.clone(),
         readiness: http::ops::Readiness {
             shutting_down: shutting_down.clone(),
-            fatal: fatal.subscribe(),
-            store: store.clone(),
+            fatal: core.fatal.subscribe(),
+            store: core.store.clone(),
         },
         metrics_here: config.metrics_addr.is_none(),
     });
-
-    let connections = TaskTracker::new();
-    let upgrades = Upgrades {
-        registry: registry.clone(),
-        shutdown: shutdown_rx,
-        connections: connections.clone(),
-        auth,
-        origins,
-        slots: Slots::new(
-            config.max_connections_per_ip,
-            config.max_connections_per_doc,
-        ),
-        budget: IncomingBudget::new(config.max_incoming_bytes),
-        max_connections: connection_cap(config.max_connections),
-    };
+    let upgrades = core.upgrades.clone();
     let mut builder = actix_server::Server::build()
         .disable_signals()
         // Connection tasks are closed (1001) and awaited below before the workers stop; this
@@ -203,8 +158,10 @@ pub async fn serve(
         on_listening(*addr);
     }
 
-    let mut fatal_rx = fatal.subscribe();
+    let core = Arc::new(core);
+    let mut fatal_rx = core.fatal.subscribe();
     let drain = std::time::Duration::from_secs(config.shutdown_drain_secs);
+    let stopping = core.clone();
     actix_web::rt::spawn(async move {
         tokio::select! {
             _ = wait_for_signal() => {
@@ -223,39 +180,13 @@ pub async fn serve(
                 error!("storage failed: shutting down");
             }
         }
-        let _ = shutdown_tx.send(true);
         // Connection tasks live on the workers: they must finish (close frame sent) before the
         // workers stop, or clients would see a reset instead of 1001.
-        connections.close();
-        if tokio::time::timeout(SHUTDOWN_CLOSE_TIMEOUT, connections.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                open = connections.len(),
-                "connections still closing at shutdown"
-            );
-        }
+        stopping.close_connections().await;
         handle.stop(true).await;
     });
     running.await?;
-    if let Some(why) = fatal.borrow().clone() {
-        return Err(ServerError::StorageFailed(why));
-    }
-    // Every update is appended before it is broadcast; this flush covers compactions and any
-    // append whose flush the shutdown interrupted. Bounded, so SIGTERM always ends the process.
-    let s = store.clone();
-    let flush = tokio::task::spawn_blocking(move || s.flush());
-    tokio::time::timeout(FINAL_FLUSH_TIMEOUT, flush)
-        .await
-        .map_err(|_| ServerError::FinalFlushTimeout(FINAL_FLUSH_TIMEOUT))?
-        .map_err(std::io::Error::other)?
-        .map_err(ServerError::FinalFlush)?;
-    info!(
-        open_documents = registry.open_documents(),
-        "stopped cleanly"
-    );
-    Ok(())
+    core.final_flush().await
 }
 
 /// Binds every address `addr` resolves to. The backlog is large because a restart brings every
@@ -279,24 +210,6 @@ fn bind_listeners(addr: &str) -> std::io::Result<Vec<std::net::TcpListener>> {
     }
 }
 
-/// Reports, by name, every document the store found damaged when it opened (it checks the
-/// write-ahead log and each snapshot's record in it), so damage is known right away instead of
-/// when somebody opens the document. Damaged documents are not served.
-fn report_stored_documents(store: &SledStore) {
-    let damage = store.damage_at_open();
-    for d in damage {
-        error!(doc = d.doc.as_deref().unwrap_or("-"), damage = %d.what, "stored data is damaged; a damaged document is not served");
-    }
-    match store.list() {
-        Ok(names) => info!(
-            documents = names.len(),
-            damaged = damage.len(),
-            "storage opened"
-        ),
-        Err(e) => warn!(error = %e, "cannot list stored documents"),
-    }
-}
-
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -316,30 +229,5 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// States the access policy at start-up, loudly when it is open.
-fn report_access(config: &Config, secrets: &Secrets, origins: &Origins) {
-    match &secrets.auth {
-        None => warn!(
-            "no --auth-secret: running open, anyone who can reach {} may read and write every document",
-            config.addr
-        ),
-        Some(secret) => {
-            if secret.expose().len() < auth::RECOMMENDED_SECRET_LEN {
-                warn!(
-                    "the auth secret is shorter than {} bytes; use a longer random secret",
-                    auth::RECOMMENDED_SECRET_LEN
-                );
-            }
-            info!(
-                anonymous_read = config.allow_anonymous_read,
-                "document tokens required (JWT HS256)"
-            );
-        }
-    }
-    if !origins.is_restricted() {
-        info!("no --allowed-origins: WebSockets from every origin are accepted");
     }
 }

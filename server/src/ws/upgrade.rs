@@ -49,9 +49,10 @@ pub fn doc_name(path: &str) -> Option<&str> {
     (!name.is_empty() && name.len() <= MAX_DOC_NAME_LEN).then_some(name)
 }
 
-struct Refusal {
-    status: StatusCode,
-    text: String,
+/// An upgrade the checks turned down: its status and one-line reason.
+pub struct Refusal {
+    pub status: StatusCode,
+    pub text: String,
 }
 
 impl Refusal {
@@ -61,38 +62,60 @@ impl Refusal {
             text: text.into(),
         }
     }
+
+    /// Counts and logs the refusal (peer and path, never a token).
+    pub fn report(&self, peer: Option<std::net::SocketAddr>, path: &str) {
+        METRICS
+            .upgrades_refused
+            .with_label_values(&[self.status.as_str()])
+            .inc();
+        let peer = peer.map(|a| a.to_string()).unwrap_or_default();
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
+            warn!(%peer, %path, status = self.status.as_u16(), reason = %self.text, "upgrade refused");
+        } else {
+            info!(%peer, %path, status = self.status.as_u16(), reason = %self.text, "upgrade refused");
+        }
+    }
+}
+
+/// What the checks look at, wherever the request came from (the standalone server's upgrade
+/// service or an embedding app's actix-web handler).
+pub struct Candidate<'a> {
+    /// The `Origin` header; a value that is not text is passed as `Some("\0")`.
+    pub origin: Option<&'a str>,
+    /// The document name; `None` when the path does not name one.
+    pub name: Option<&'a str>,
+    pub query: &'a str,
+    pub authorization: Option<&'a str>,
+    pub forwarded_for: Option<&'a str>,
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 fn header_str(req: &Request, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Decides whether the request may have a WebSocket, and with what access.
-fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
-    ws::verify_handshake(req.head())
-        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+/// Decides whether a WebSocket may open, and with what access: origin, name, token,
+/// connection cap, per-IP and per-document places, in that order.
+pub fn admit(up: &Upgrades, c: Candidate<'_>) -> Result<Admitted, Refusal> {
     // Before anything else is read: a page on another site must not learn anything, not even
     // whether a token would have worked.
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
-    if !up.origins.allows(origin) {
+    if !up.origins.allows(c.origin) {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             "this origin may not open WebSockets here",
         ));
     }
-    let name = doc_name(req.path()).ok_or_else(|| {
+    let name = c.name.ok_or_else(|| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("the document name (the URL path) must be 1 to {MAX_DOC_NAME_LEN} bytes"),
         )
     })?;
-    let token = presented_token(
-        req.uri().query().unwrap_or(""),
-        header_str(req, header::AUTHORIZATION),
-    );
+    let token = presented_token(c.query, c.authorization);
     let access = up
         .auth
         .authorize(token.as_deref(), name, SystemTime::now())
@@ -108,11 +131,7 @@ fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
         ));
     }
     let config = up.registry.config();
-    let ip = client_ip(
-        req.peer_addr(),
-        header_str(req, header::HeaderName::from_static("x-forwarded-for")),
-        &config.trusted_proxies,
-    );
+    let ip = client_ip(c.peer, c.forwarded_for, &config.trusted_proxies);
     let slot = up
         .slots
         .acquire(ip, name)
@@ -135,9 +154,30 @@ fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
     Ok(Admitted {
         name: name.to_owned(),
         access,
-        peer: req.peer_addr(),
+        peer: c.peer,
         slot,
     })
+}
+
+/// The standalone server's request, checked.
+fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
+    ws::verify_handshake(req.head())
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    admit(
+        up,
+        Candidate {
+            origin,
+            name: doc_name(req.path()),
+            query: req.uri().query().unwrap_or(""),
+            authorization: header_str(req, header::AUTHORIZATION),
+            forwarded_for: header_str(req, header::HeaderName::from_static("x-forwarded-for")),
+            peer: req.peer_addr(),
+        },
+    )
 }
 
 async fn refuse<T: Io>(
@@ -169,19 +209,7 @@ pub async fn upgrade<T: Io>(
     let admitted = match check(&up, &req) {
         Ok(ok) => ok,
         Err(refusal) => {
-            METRICS
-                .upgrades_refused
-                .with_label_values(&[refusal.status.as_str()])
-                .inc();
-            let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            if matches!(
-                refusal.status,
-                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-            ) {
-                warn!(%peer, path = %req.path(), status = refusal.status.as_u16(), reason = %refusal.text, "upgrade refused");
-            } else {
-                info!(%peer, path = %req.path(), status = refusal.status.as_u16(), reason = %refusal.text, "upgrade refused");
-            }
+            refusal.report(req.peer_addr(), req.path());
             return refuse(&mut framed, refusal).await;
         }
     };
