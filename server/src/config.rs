@@ -27,6 +27,61 @@ pub enum Command {
     /// Print a document token signed with the configured secret (--auth-secret or
     /// --auth-secret-file, or their environment variables).
     Token(TokenArgs),
+    /// List, export, import or delete stored documents (with the server stopped: the data
+    /// folder is locked while a server runs).
+    #[command(subcommand)]
+    Docs(DocsCommand),
+    /// Write every document as a Yjs update file plus `manifest.json` (names, sizes, sha256)
+    /// into DIR, which must be empty or not exist. A running server: POST /api/backup.
+    Backup(BackupArgs),
+    /// Load a backup written by `collab backup` or POST /api/backup into an empty data folder,
+    /// after verifying every file's sha256 (exit 1 naming the document on a mismatch).
+    Restore(RestoreArgs),
+    /// Verify every stored document: the write-ahead log's records, each snapshot, and that
+    /// each document loads. Prints the damaged ones by name; exit code 1 if there are any.
+    Check,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DocsCommand {
+    /// Name, stored size, updates in the log and last change of every stored document.
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a document's whole state as one Yjs v1 update (stdout, or -o FILE).
+    Export {
+        /// Document name (as in the URL path).
+        name: String,
+        /// Write to this file instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Merge a Yjs v1 update from FILE (`-` for stdin) into a document, creating it if needed.
+    Import {
+        /// Document name (as in the URL path).
+        name: String,
+        /// File holding the update.
+        file: PathBuf,
+    },
+    /// Remove a document, its versions included.
+    Delete {
+        /// Document name (as in the URL path).
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// Folder to write the backup into (created; must be empty if it exists).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Folder holding a backup (`manifest.json` and one file per document).
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -60,8 +115,9 @@ pub struct Config {
     #[arg(long, env = "COLLAB_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
 
-    /// Folder of the sled database.
-    #[arg(long, env = "COLLAB_DATA_DIR", default_value = "./data")]
+    /// Folder of the sled database (also the folder the data tools `docs`, `backup`,
+    /// `restore` and `check` work on).
+    #[arg(long, env = "COLLAB_DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
 
     /// Largest accepted WebSocket message in bytes; bigger ones close the connection with 1009.
@@ -207,7 +263,8 @@ pub struct Config {
     #[arg(long, env = "COLLAB_AUTH_SECRET_FILE", global = true)]
     pub auth_secret_file: Option<PathBuf>,
 
-    /// Key for the admin endpoints (POST /api/tokens), sent as `Authorization: Bearer <key>`.
+    /// Key for the admin endpoints (POST /api/tokens, POST /api/backup), sent as
+    /// `Authorization: Bearer <key>`.
     /// Without one those endpoints answer 404.
     #[arg(
         long,

@@ -10,6 +10,9 @@ pub mod embed;
 pub mod http;
 pub mod telemetry;
 pub mod tls;
+/// The data tools (`collab docs|backup|restore|check`) and the backup format they share with
+/// `POST /api/backup`.
+pub mod tools;
 pub mod webhooks;
 pub mod ws;
 

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use collab_server::auth::Auth;
 use collab_server::config::{Cli, Command, TokenArgs};
+use collab_server::tools::{self, backup, ToolError};
 use tracing_subscriber::EnvFilter;
 
 /// Exit code for settings that cannot work, as clap uses for a bad flag.
@@ -36,6 +37,10 @@ fn main() -> ExitCode {
         // codes are noise.
         logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    // The data tools need no secrets: they run before the access settings are checked.
+    if let Some(code) = data_tool(&cli) {
+        return code;
+    }
     let secrets = match cli.config.secrets() {
         Ok(s) => s,
         Err(e) => {
@@ -46,14 +51,74 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Token(args)) => token(&args, secrets.auth.as_ref()),
         None => serve(cli.config, secrets),
+        Some(_) => unreachable!("data_tool handles the data tools"),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
+            // A data folder held by another process is one line, not a chain of causes.
+            if let Some(collab_server::ServerError::OpenStore { path, source }) =
+                e.downcast_ref::<collab_server::ServerError>()
+            {
+                if tools::is_locked(source) {
+                    eprintln!("error: {}", ToolError::Locked(path.clone()));
+                    return ExitCode::FAILURE;
+                }
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `collab docs|backup|restore|check`; `None` for the other commands.
+fn data_tool(cli: &Cli) -> Option<ExitCode> {
+    let data_dir = &cli.config.data_dir;
+    let result = match cli.command.as_ref()? {
+        Command::Token(_) => return None,
+        Command::Docs(command) => tools::docs(data_dir, command).map(|()| ExitCode::SUCCESS),
+        Command::Backup(args) => tools::open_existing(data_dir).and_then(|store| {
+            let (manifest, skipped) = backup::backup_store(&store, &args.dir)?;
+            for s in &skipped {
+                eprintln!("error: document {:?} left out: {}", s.name, s.why);
+            }
+            eprintln!(
+                "{} documents ({} bytes) written to {}",
+                manifest.documents.len(),
+                manifest.total_bytes(),
+                args.dir.display()
+            );
+            Ok(if skipped.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }),
+        Command::Restore(args) => backup::restore(data_dir, &args.dir).map(|manifest| {
+            eprintln!(
+                "{} documents ({} bytes) restored into {}",
+                manifest.documents.len(),
+                manifest.total_bytes(),
+                data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }),
+        Command::Check => tools::check(data_dir).map(|damaged| {
+            if damaged.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }),
+    };
+    Some(result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        if e.is_usage() {
+            ExitCode::from(USAGE)
+        } else {
+            ExitCode::FAILURE
+        }
+    }))
 }
 
 fn serve(

@@ -104,6 +104,15 @@ impl Registry {
         Ok(addr)
     }
 
+    /// The actor of `name` if the document is loaded; never starts one.
+    pub fn loaded(&self, name: &str) -> Option<Addr<DocActor>> {
+        self.lock()
+            .actors
+            .get(name)
+            .filter(|a| a.connected())
+            .cloned()
+    }
+
     /// The document has no connections: it may be evicted, oldest first.
     pub fn mark_idle(&self, name: &Arc<str>) {
         let mut docs = self.lock();

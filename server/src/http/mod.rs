@@ -2,6 +2,7 @@
 //! app; they are taken by `ws::upgrade` before actix-web routes anything.
 
 mod api;
+mod backup;
 mod demo;
 mod docs;
 pub mod ops;
@@ -36,6 +37,7 @@ pub fn configure(state: web::Data<HttpState>) -> impl FnOnce(&mut web::ServiceCo
             .route("/healthz", web::get().to(ops::healthz))
             .route("/readyz", web::get().to(ops::readyz))
             .route("/api/tokens", web::post().to(tokens::mint))
+            .route("/api/backup", web::post().to(backup::backup))
             // `{name}` is one segment: actix routes on a path in which `%2F` stays encoded,
             // and the handlers decode the raw segment themselves, exactly once.
             .route("/api/docs", web::get().to(docs::list))
