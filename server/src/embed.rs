@@ -7,8 +7,9 @@
 //!
 //! #[actix_web::main]
 //! async fn main() -> anyhow::Result<()> {
-//!     let config = collab_server::Config::parse_from(["app", "--data-dir", "./collab-data"]);
-//!     let collab = Collab::start(config, Default::default())?;
+//!     let cli = collab_server::config::Cli::parse_from(["app", "--data-dir", "./collab-data"]);
+//!     let secrets = cli.config.secrets()?;
+//!     let collab = Collab::start(cli.config, secrets)?;
 //!     let mounted = collab.clone();
 //!     HttpServer::new(move || App::new().service(mounted.service("/collab")))
 //!         .bind("127.0.0.1:8090")?
