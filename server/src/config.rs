@@ -247,6 +247,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// Extra URL paths that speak the Hocuspocus provider protocol (`@hocuspocus/provider`,
+    /// Tiptap's), besides the root path `/`. Every other path is a y-websocket document.
+    #[arg(long, env = "COLLAB_HOCUSPOCUS_PATH", value_delimiter = ',')]
+    pub hocuspocus_path: Vec<String>,
+
     /// Shared secret for document tokens (JWT, HS256). With a secret every WebSocket needs a
     /// token; without one the server runs open. Prefer --auth-secret-file: a flag shows in the
     /// process list.

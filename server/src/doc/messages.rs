@@ -90,6 +90,16 @@ pub struct Join {
     pub kick: Arc<Kick>,
     /// Decided by the connection's token: the document refuses its writes.
     pub read_only: bool,
+    /// Acknowledge each of its Update and SyncStep2 messages once durable (a Hocuspocus
+    /// provider's SyncStatus), with [`ack_message`].
+    pub acks: bool,
+}
+
+/// What the document sends a connection that asked for acknowledgements: the Hocuspocus
+/// SyncStatus body (type 8, then 1 applied and durable, 0 refused). The Hocuspocus session
+/// prefixes it with the document name like every other message.
+pub fn ack_message(applied: bool) -> Outgoing {
+    Arc::new(Bytes::from_static(if applied { &[8, 1] } else { &[8, 0] }))
 }
 
 /// Answered with the bytes of the sync answers queued for the sender, which count against its

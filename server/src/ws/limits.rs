@@ -91,7 +91,9 @@ pub struct Slots {
 pub struct SlotGuard {
     slots: Arc<Slots>,
     ip: Option<IpAddr>,
-    doc: String,
+    /// `None` for a socket that is not one document's (a Hocuspocus socket, whose documents
+    /// each take their own place).
+    doc: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,14 +151,34 @@ impl Slots {
         Ok(SlotGuard {
             slots: self.clone(),
             ip: counted_ip,
-            doc: doc.to_owned(),
+            doc: Some(doc.to_owned()),
+        })
+    }
+
+    /// A place for a socket in its IP's count only.
+    pub fn acquire_ip(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SlotGuard, SlotRefusal> {
+        let counted_ip = ip.filter(|_| self.max_per_ip > 0);
+        if let Some(ip) = counted_ip {
+            let mut per_ip = lock(&self.per_ip);
+            let n = per_ip.entry(ip).or_default();
+            if *n >= self.max_per_ip {
+                return Err(SlotRefusal::PerIp(self.max_per_ip));
+            }
+            *n += 1;
+        }
+        Ok(SlotGuard {
+            slots: self.clone(),
+            ip: counted_ip,
+            doc: None,
         })
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        release(&mut lock(&self.slots.per_doc), &self.doc);
+        if let Some(doc) = &self.doc {
+            release(&mut lock(&self.slots.per_doc), doc);
+        }
         if let Some(ip) = self.ip {
             release(&mut lock(&self.slots.per_ip), &ip);
         }

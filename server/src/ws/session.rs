@@ -40,14 +40,16 @@ pub struct Admitted {
     pub slot: SlotGuard,
 }
 
-/// Joins the document, retrying when it raced with the document unloading.
-async fn join(
+/// Joins the document, retrying when it raced with the document unloading. `acks`: the
+/// connection wants a SyncStatus for each change (Hocuspocus).
+pub(crate) async fn join(
     registry: &Registry,
     name: &str,
     conn: Uuid,
     tx: mpsc::Sender<Outgoing>,
     kick: Arc<Kick>,
     read_only: bool,
+    acks: bool,
 ) -> Result<Addr<DocActor>, CloseReason> {
     for attempt in 0..JOIN_ATTEMPTS {
         if attempt > 0 {
@@ -69,6 +71,7 @@ async fn join(
             tx: tx.clone(),
             kick: kick.clone(),
             read_only,
+            acks,
         };
         match addr.send(msg).await {
             Ok(Ok(())) => return Ok(addr),
@@ -105,7 +108,7 @@ enum Event {
     Resume,
 }
 
-enum Step {
+pub(crate) enum Step {
     Continue,
     /// Stop reading for this long: the connection is over its rate.
     Pause(Duration),
@@ -231,7 +234,7 @@ async fn handle_input<T: Transport>(
     }
 }
 
-fn rate_step(verdict: Verdict) -> Step {
+pub(crate) fn rate_step(verdict: Verdict) -> Step {
     match verdict {
         Verdict::Go => Step::Continue,
         Verdict::Pause(d) => {
@@ -247,7 +250,7 @@ fn rate_step(verdict: Verdict) -> Step {
 }
 
 /// Decrements the open-connections gauge when dropped.
-struct OpenConnection;
+pub(crate) struct OpenConnection;
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
@@ -287,7 +290,15 @@ pub async fn run<T: Transport>(
         METRICS.connections.inc();
         // Counted down however the session ends, early returns included.
         let _open = OpenConnection;
-        let joined = join(&registry, &name, conn, tx, kick.clone(), access.read_only);
+        let joined = join(
+            &registry,
+            &name,
+            conn,
+            tx,
+            kick.clone(),
+            access.read_only,
+            false,
+        );
         let addr = match Box::pin(joined).await {
             Ok(addr) => addr,
             Err(why) => {

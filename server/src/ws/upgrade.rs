@@ -18,6 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::hocuspocus;
 use super::io::Io;
 use super::limits::{client_ip, SlotRefusal, Slots};
 use super::metered::{IncomingBudget, Metered};
@@ -206,7 +207,12 @@ pub async fn upgrade<T: Io>(
     req: Request,
     mut framed: Framed<T, h1::Codec>,
 ) -> Result<(), actix_web::Error> {
-    let admitted = match check(&up, &req) {
+    let hocuspocus = is_hocuspocus(&up, req.path());
+    let admitted = match if hocuspocus {
+        check_hocuspocus(&up, &req).map(Admission::Hocuspocus)
+    } else {
+        check(&up, &req).map(Admission::Document)
+    } {
         Ok(ok) => ok,
         Err(refusal) => {
             refusal.report(req.peer_addr(), req.path());
@@ -236,9 +242,80 @@ pub async fn upgrade<T: Io>(
         Some(ws_config),
     )
     .await;
-    let session = session::run(socket, admitted, up.registry.clone(), up.shutdown.clone());
-    actix_web::rt::spawn(up.connections.track_future(session));
+    match admitted {
+        Admission::Document(admitted) => {
+            let session = session::run(socket, admitted, up.registry.clone(), up.shutdown.clone());
+            actix_web::rt::spawn(up.connections.track_future(session));
+        }
+        Admission::Hocuspocus(admitted) => {
+            let shutdown = up.shutdown.clone();
+            let tracker = up.connections.clone();
+            let session = hocuspocus::run(socket, admitted, up, shutdown);
+            actix_web::rt::spawn(tracker.track_future(session));
+        }
+    }
     Ok(())
+}
+
+enum Admission {
+    Document(Admitted),
+    Hocuspocus(hocuspocus::Admitted),
+}
+
+/// The root path, and any `--hocuspocus-path`, speak the Hocuspocus protocol: a
+/// `HocuspocusProvider` connects to the URL as given, with no document in the path.
+fn is_hocuspocus(up: &Upgrades, path: &str) -> bool {
+    path == "/"
+        || up
+            .registry
+            .config()
+            .hocuspocus_path
+            .iter()
+            .any(|p| p.trim_end_matches('/') == path.trim_end_matches('/'))
+}
+
+/// A Hocuspocus socket: the socket-wide checks (handshake, origin, connection cap, per-IP);
+/// tokens and per-document places are checked per document as they are opened.
+fn check_hocuspocus(up: &Upgrades, req: &Request) -> Result<hocuspocus::Admitted, Refusal> {
+    ws::verify_handshake(req.head())
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    if !up.origins.allows(origin) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "this origin may not open WebSockets here",
+        ));
+    }
+    if up.connections.len() >= up.max_connections {
+        count(|c| &c.refused_connection_cap);
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached, retry later",
+        ));
+    }
+    let ip = client_ip(
+        req.peer_addr(),
+        header_str(req, header::HeaderName::from_static("x-forwarded-for")),
+        &up.registry.config().trusted_proxies,
+    );
+    let slot = up.slots.acquire_ip(ip).map_err(|_| {
+        count(|c| &c.refused_per_ip);
+        Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "this address already holds too many connections",
+        )
+    })?;
+    Ok(hocuspocus::Admitted {
+        peer: req.peer_addr(),
+        url_token: hocuspocus::url_token(
+            req.uri().query().unwrap_or(""),
+            header_str(req, header::AUTHORIZATION),
+        ),
+        slot,
+    })
 }
 
 #[cfg(test)]

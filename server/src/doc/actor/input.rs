@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{ApplyFailure, DocActor, Pending};
 use crate::counters::count;
-use crate::doc::messages::{Incoming, Violation};
+use crate::doc::messages::{ack_message, Incoming, Violation};
 use crate::telemetry::{Kind, Refusal, METRICS};
 
 impl DocActor {
@@ -18,22 +18,24 @@ impl DocActor {
     /// applied, stored or broadcast. The connection stays open, since a closed one would only
     /// reconnect and send the same change again. A sync answer that repeats what the document
     /// already holds is not a refusal.
-    fn refuse_write(&mut self, conn: Uuid, update: &Update) {
+    /// Returns whether the update would have changed the document (and so was refused).
+    fn refuse_write(&mut self, conn: Uuid, update: &Update) -> bool {
         let new = self
             .document
             .as_ref()
             .is_some_and(|d| d.carries_new(update));
         let Some(c) = self.conns.get_mut(&conn) else {
-            return;
+            return new;
         };
         if !new {
-            return;
+            return false;
         }
         c.refused += 1;
         METRICS.update_refused(Refusal::ReadOnly);
         if c.refused == 1 {
             warn!(doc = %self.name, conn = %conn, "refused a document change from a read-only connection; later ones are counted");
         }
+        true
     }
 
     /// Applies one message; returns the bytes of the answer queued for `conn`, if any.
@@ -72,12 +74,14 @@ impl DocActor {
             ClientMessage::SyncStep2(update) | ClientMessage::Update(update)
                 if self.conns.get(&conn).is_some_and(|c| c.read_only) =>
             {
-                self.refuse_write(conn, &update);
+                let refused = self.refuse_write(conn, &update);
+                // A sync answer that brings nothing new was not refused (Hocuspocus says 1).
+                self.ack(conn, !refused, ctx);
             }
             ClientMessage::SyncStep2(update) | ClientMessage::Update(update) => {
                 self.check_document_size(frame_bytes)?;
                 match self.apply(update, received, ctx) {
-                    Ok(_) => {}
+                    Ok(_) => self.ack(conn, true, ctx),
                     Err(ApplyFailure::Storage) => {
                         return Err(Violation::Unavailable("storage failure".into()))
                     }
@@ -126,6 +130,20 @@ impl DocActor {
             ClientMessage::Auth => {}
         }
         Ok(0)
+    }
+
+    /// Tells a connection that asked for acknowledgements that its change was applied (after
+    /// everything pending, so only once it is durable) or refused (at once).
+    fn ack(&mut self, conn: Uuid, applied: bool, ctx: &mut Context<Self>) {
+        if !self.conns.get(&conn).is_some_and(|c| c.acks) {
+            return;
+        }
+        let ack = ack_message(applied);
+        if !applied || self.pending.is_empty() {
+            self.send_shared(conn, ack, ctx);
+        } else {
+            self.pending.push(Pending::Ack(conn, ack));
+        }
     }
 
     /// Applies an update from a client or a backend. What was new is appended to the log and

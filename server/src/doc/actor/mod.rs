@@ -38,6 +38,8 @@ struct Conn {
     /// Awareness client ids this connection announced; removed when it closes.
     awareness: HashSet<ClientID>,
     read_only: bool,
+    /// It wants a SyncStatus for each of its changes (Hocuspocus).
+    acks: bool,
     /// Document changes refused from this (read-only) connection.
     refused: u64,
     /// Its first SyncStep1 was answered (for the first-sync size histogram).
@@ -50,6 +52,8 @@ enum Pending {
     Update(Vec<u8>, std::time::Instant),
     /// A message for one connection that reveals content (a SyncStep2 answer).
     One(Uuid, Bytes),
+    /// A connection's change acknowledged (SyncStatus) once what it added is durable.
+    Ack(Uuid, Outgoing),
     /// A backend request waiting until everything before it is durable.
     Durable(oneshot::Sender<()>),
 }
@@ -317,6 +321,10 @@ impl DocActor {
                     self.broadcast_updates(&mut run, ctx);
                     self.send_to(conn, bytes, Kind::SyncStep2, ctx);
                 }
+                Pending::Ack(conn, ack) => {
+                    self.broadcast_updates(&mut run, ctx);
+                    self.send_shared(conn, ack, ctx);
+                }
                 Pending::Durable(waiter) => {
                     // Broadcast first: a backend's 200 then means clients were sent the update.
                     self.broadcast_updates(&mut run, ctx);
@@ -517,6 +525,7 @@ impl Handler<Join> for DocActor {
                 kick: msg.kick,
                 awareness: HashSet::new(),
                 read_only: msg.read_only,
+                acks: msg.acks,
                 refused: 0,
                 synced_once: false,
             },
