@@ -160,33 +160,15 @@ impl Socket<'_> {
             Ok(a) => a,
             Err(e) => {
                 info!(doc = %name, reason = %e, "hocuspocus document refused");
-                self.members.insert(
-                    name.to_owned(),
-                    Member {
-                        conn: Uuid::nil(),
-                        state: State::Denied,
-                        _slot: None,
-                    },
-                );
-                return send(ws, auth_answer(name, Err(&e.to_string()))).await;
+                return self.deny(ws, name, &e.to_string()).await;
             }
         };
         let slot = match self.up.slots.acquire(None, name) {
             Ok(s) => s,
             Err(_) => {
-                self.members.insert(
-                    name.to_owned(),
-                    Member {
-                        conn: Uuid::nil(),
-                        state: State::Denied,
-                        _slot: None,
-                    },
-                );
-                return send(
-                    ws,
-                    auth_answer(name, Err("this document has too many connections")),
-                )
-                .await;
+                return self
+                    .deny(ws, name, "this document has too many connections")
+                    .await
             }
         };
         let conn = Uuid::new_v4();
@@ -206,22 +188,8 @@ impl Socket<'_> {
             Ok(addr) => addr,
             Err(why) => {
                 warn!(doc = %name, reason = ?why.description, "could not join document");
-                self.members.insert(
-                    name.to_owned(),
-                    Member {
-                        conn,
-                        state: State::Denied,
-                        _slot: None,
-                    },
-                );
-                return send(
-                    ws,
-                    auth_answer(
-                        name,
-                        Err(why.description.as_deref().unwrap_or("unavailable")),
-                    ),
-                )
-                .await;
+                let reason = why.description.unwrap_or_else(|| "unavailable".into());
+                return self.deny(ws, name, &reason).await;
             }
         };
         // The actor's output for this document, tagged, into the socket's one queue.
@@ -260,6 +228,19 @@ impl Socket<'_> {
             }
         }
         Step::Continue
+    }
+
+    /// Refuses a document on this socket (PermissionDenied); its later messages are ignored.
+    async fn deny<T: Transport>(&mut self, ws: &mut T, name: &str, reason: &str) -> Step {
+        self.members.insert(
+            name.to_owned(),
+            Member {
+                conn: Uuid::nil(),
+                state: State::Denied,
+                _slot: None,
+            },
+        );
+        send(ws, auth_answer(name, Err(reason))).await
     }
 
     /// A Sync, Awareness or QueryAwareness message for a document.

@@ -121,11 +121,8 @@ impl Slots {
         })
     }
 
-    pub fn acquire(
-        self: &Arc<Self>,
-        ip: Option<IpAddr>,
-        doc: &str,
-    ) -> Result<SlotGuard, SlotRefusal> {
+    /// Takes a place in `ip`'s count (when it is counted); the IP that was counted.
+    fn take_ip(&self, ip: Option<IpAddr>) -> Result<Option<IpAddr>, SlotRefusal> {
         let counted_ip = ip.filter(|_| self.max_per_ip > 0);
         if let Some(ip) = counted_ip {
             let mut per_ip = lock(&self.per_ip);
@@ -135,6 +132,16 @@ impl Slots {
             }
             *n += 1;
         }
+        Ok(counted_ip)
+    }
+
+    /// A place in `ip`'s and `doc`'s counts.
+    pub fn acquire(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        doc: &str,
+    ) -> Result<SlotGuard, SlotRefusal> {
+        let counted_ip = self.take_ip(ip)?;
         let mut per_doc = lock(&self.per_doc);
         let n = per_doc.entry(doc.to_owned()).or_default();
         if *n >= self.max_per_doc {
@@ -155,20 +162,12 @@ impl Slots {
         })
     }
 
-    /// A place for a socket in its IP's count only.
+    /// A place for a socket in its IP's count only (a Hocuspocus socket, whose documents each
+    /// take their own place).
     pub fn acquire_ip(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SlotGuard, SlotRefusal> {
-        let counted_ip = ip.filter(|_| self.max_per_ip > 0);
-        if let Some(ip) = counted_ip {
-            let mut per_ip = lock(&self.per_ip);
-            let n = per_ip.entry(ip).or_default();
-            if *n >= self.max_per_ip {
-                return Err(SlotRefusal::PerIp(self.max_per_ip));
-            }
-            *n += 1;
-        }
         Ok(SlotGuard {
             slots: self.clone(),
-            ip: counted_ip,
+            ip: self.take_ip(ip)?,
             doc: None,
         })
     }

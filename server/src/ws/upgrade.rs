@@ -104,12 +104,7 @@ fn header_str(req: &Request, name: header::HeaderName) -> Option<&str> {
 pub fn admit(up: &Upgrades, c: Candidate<'_>) -> Result<Admitted, Refusal> {
     // Before anything else is read: a page on another site must not learn anything, not even
     // whether a token would have worked.
-    if !up.origins.allows(c.origin) {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "this origin may not open WebSockets here",
-        ));
-    }
+    allowed_origin(up, c.origin)?;
     let name = c.name.ok_or_else(|| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -124,13 +119,7 @@ pub fn admit(up: &Upgrades, c: Candidate<'_>) -> Result<Admitted, Refusal> {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             Refusal::new(status, e.to_string())
         })?;
-    if up.connections.len() >= up.max_connections {
-        count(|c| &c.refused_connection_cap);
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "connection limit reached, retry later",
-        ));
-    }
+    within_cap(up)?;
     let config = up.registry.config();
     let ip = client_ip(c.peer, c.forwarded_for, &config.trusted_proxies);
     let slot = up
@@ -160,14 +149,43 @@ pub fn admit(up: &Upgrades, c: Candidate<'_>) -> Result<Admitted, Refusal> {
     })
 }
 
-/// The standalone server's request, checked.
-fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
+/// A valid WebSocket handshake, and its `Origin` header (a value that is not text as "\0").
+fn handshake_origin(req: &Request) -> Result<Option<&str>, Refusal> {
     ws::verify_handshake(req.head())
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let origin = req
+    Ok(req
         .headers()
         .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
+        .map(|v| v.to_str().unwrap_or("\u{0}")))
+}
+
+/// Cross-site WebSocket hijacking: a browser page from another site gets 403.
+fn allowed_origin(up: &Upgrades, origin: Option<&str>) -> Result<(), Refusal> {
+    if up.origins.allows(origin) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "this origin may not open WebSockets here",
+        ))
+    }
+}
+
+/// Room for one more connection under `--max-connections` (and the open-file limit).
+fn within_cap(up: &Upgrades) -> Result<(), Refusal> {
+    if up.connections.len() >= up.max_connections {
+        count(|c| &c.refused_connection_cap);
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection limit reached, retry later",
+        ));
+    }
+    Ok(())
+}
+
+/// The standalone server's request, checked.
+fn check(up: &Upgrades, req: &Request) -> Result<Admitted, Refusal> {
+    let origin = handshake_origin(req)?;
     admit(
         up,
         Candidate {
@@ -277,25 +295,9 @@ fn is_hocuspocus(up: &Upgrades, path: &str) -> bool {
 /// A Hocuspocus socket: the socket-wide checks (handshake, origin, connection cap, per-IP);
 /// tokens and per-document places are checked per document as they are opened.
 fn check_hocuspocus(up: &Upgrades, req: &Request) -> Result<hocuspocus::Admitted, Refusal> {
-    ws::verify_handshake(req.head())
-        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
-    if !up.origins.allows(origin) {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "this origin may not open WebSockets here",
-        ));
-    }
-    if up.connections.len() >= up.max_connections {
-        count(|c| &c.refused_connection_cap);
-        return Err(Refusal::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "connection limit reached, retry later",
-        ));
-    }
+    let origin = handshake_origin(req)?;
+    allowed_origin(up, origin)?;
+    within_cap(up)?;
     let ip = client_ip(
         req.peer_addr(),
         header_str(req, header::HeaderName::from_static("x-forwarded-for")),
