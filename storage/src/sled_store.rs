@@ -434,8 +434,14 @@ impl Store for SledStore {
     fn append(&self, doc: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
         doc_key(META, doc)?;
         self.wal.append_update(doc, seq, update)?;
+        // Every update passes here: the name is copied only the first time a document is seen.
         if let Ok(mut touched) = self.touched.lock() {
-            touched.insert(doc.to_owned(), now_ms());
+            match touched.get_mut(doc) {
+                Some(at) => *at = now_ms(),
+                None => {
+                    touched.insert(doc.to_owned(), now_ms());
+                }
+            }
         }
         Ok(())
     }
