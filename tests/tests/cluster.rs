@@ -149,11 +149,16 @@ async fn an_instance_behind_a_trim_reloads_from_the_snapshot() {
         .args(["-STOP", &pid])
         .status()
         .unwrap();
+    let trims_before = metric(&a, "collab_redis_trims_total");
     for i in 0..60u32 {
         wa.insert(i, "y");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Resumed only once a trimmed entries b never read (a busy machine compacts late).
+    assert!(
+        wait_until(WAIT, || metric(&a, "collab_redis_trims_total") > trims_before).await,
+        "a never compacted"
+    );
     std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status()
@@ -162,7 +167,9 @@ async fn an_instance_behind_a_trim_reloads_from_the_snapshot() {
     rb.wait_text(&expected).await;
     assert!(
         metric(&b, "collab_redis_reloads_total") >= 1.0,
-        "b did not notice it fell behind a trim"
+        "b did not notice it fell behind a trim\n--- a ---\n{}\n--- b ---\n{}",
+        a.log(),
+        b.log()
     );
 }
 
