@@ -53,20 +53,29 @@ function tempDir (label) {
   return d
 }
 
-function track (child) {
+/**
+ * nginx is stopped with SIGTERM: its master then takes its workers down, whereas a SIGKILLed
+ * master leaves them running, still listening on the test's port.
+ */
+function track (child, stopSignal = 'SIGKILL') {
+  child.stopSignal = stopSignal
   children.add(child)
   child.once('exit', () => children.delete(child))
   return child
 }
 
 after(async () => {
+  const gone = [...children].map((c) => new Promise((resolve) => {
+    c.once('exit', resolve)
+    try { c.kill(c.stopSignal) } catch { resolve() }
+  }))
+  await within(Promise.all(gone), 5000)
   for (const c of children) { try { c.kill('SIGKILL') } catch {} }
-  await sleep(50)
   if (!process.env.COLLAB_KEEP_DATA) {
     for (const d of dirs) { try { rmSync(d, { recursive: true, force: true }) } catch {} }
   }
 })
-process.on('exit', () => { for (const c of children) { try { c.kill('SIGKILL') } catch {} } })
+process.on('exit', () => { for (const c of children) { try { c.kill(c.stopSignal) } catch {} } })
 
 /** A port nobody listens on right now (the caller binds it soon after; a lost race fails loudly). */
 export function freePort () {
@@ -280,7 +289,7 @@ export class Nginx {
         await n._ready
         return n
       } catch (e) {
-        n.child.kill('SIGKILL')
+        n.child.kill('SIGTERM')
         if (attempt >= 2) throw e
       }
     }
@@ -293,7 +302,7 @@ export class Nginx {
     this.httpUrl = `http://127.0.0.1:${port}`
     this.log = ''
     this.child = track(spawn(NGINX, ['-e', path.join(dir, 'error.log'), '-p', dir, '-c', path.join(dir, 'nginx.conf'), '-g', 'daemon off;'],
-      { stdio: ['ignore', 'pipe', 'pipe'] }))
+      { stdio: ['ignore', 'pipe', 'pipe'] }), 'SIGTERM')
     this.child.stdout.on('data', (d) => { this.log += d })
     this.child.stderr.on('data', (d) => { this.log += d })
     this._ready = (async () => {
