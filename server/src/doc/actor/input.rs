@@ -116,8 +116,9 @@ impl DocActor {
                             c.awareness.remove(id);
                         }
                     }
-                    let ids = change.announced.into_iter().chain(change.removed);
-                    self.awareness_changed(ids.collect(), ctx);
+                    let ids: Vec<_> = change.announced.into_iter().chain(change.removed).collect();
+                    self.publish_awareness(&ids);
+                    self.awareness_changed(ids, ctx);
                 }
             }
             ClientMessage::QueryAwareness => {
@@ -167,7 +168,10 @@ impl DocActor {
             Ok(Some(diff)) => {
                 self.full_state = None;
                 let seq = self.next_seq;
-                if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
+                if let (Some(cluster), Some(origin)) = (self.registry.cluster(), &self.origin) {
+                    cluster.append(&self.name, origin, diff.clone(), !self.announced);
+                    self.announced = true;
+                } else if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
                     METRICS.storage_errors.inc();
                     self.fail(format!("append failed: {e}"), ctx);
                     return Err(ApplyFailure::Storage);

@@ -24,11 +24,14 @@ mod awareness;
 mod backend;
 // A connection's frames: sync, updates, awareness.
 mod input;
+// Cluster mode: what other instances appended, trims, awareness from Redis.
+mod remote;
 
 use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
 use super::registry::Registry;
+use crate::cluster::{ClusterError, StreamPos};
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
 
@@ -72,6 +75,8 @@ struct Loaded {
     log_count: u64,
     log_bytes: u64,
     snapshot_bytes: u64,
+    /// Cluster mode: the last stream id the loaded content covers.
+    position: StreamPos,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +87,36 @@ enum LoadError {
     Document(#[from] DocumentError),
     #[error("load task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// Loads from Redis in cluster mode, else from the local store.
+async fn load_doc(registry: &Registry, name: Arc<str>) -> Result<Loaded, LoadError> {
+    if let Some(cluster) = registry.cluster() {
+        let stored = cluster.load(&name).await?;
+        let document = Document::load(
+            stored.snapshot.as_deref(),
+            stored.updates.iter().map(Vec::as_slice),
+        )?;
+        return Ok(Loaded {
+            document,
+            next_seq: 0,
+            log_count: stored.updates.len() as u64,
+            log_bytes: stored.updates.iter().map(|u| u.len() as u64).sum(),
+            snapshot_bytes: stored.snapshot.as_ref().map_or(0, |s| s.len() as u64),
+            position: stored.position,
+        });
+    }
+    let store = registry.store();
+    let span = info_span!("load", doc = %name);
+    tokio::task::spawn_blocking(move || {
+        let _g = span.enter();
+        load(store.as_ref(), &name)
+    })
+    .await
+    .map_err(|e| LoadError::Task(e.to_string()))
+    .and_then(|r| r)
 }
 
 fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
@@ -96,6 +131,7 @@ fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
         log_count: stored.log.len() as u64,
         log_bytes: stored.log_bytes(),
         snapshot_bytes: stored.snapshot_bytes(),
+        position: StreamPos::ZERO,
     })
 }
 
@@ -136,6 +172,12 @@ pub struct DocActor {
     auto_version_armed: bool,
     /// A version is being written.
     versioning: bool,
+    /// Cluster mode: this actor's appends are tagged with it, so the stream reader skips them.
+    origin: Option<Arc<str>>,
+    /// Cluster mode: every stream entry up to here is in `document`.
+    stream_pos: StreamPos,
+    /// Cluster mode: the document's name was added to the set of documents since loading.
+    announced: bool,
 }
 
 impl DocActor {
@@ -165,6 +207,9 @@ impl DocActor {
             delete_reply: None,
             auto_version_armed: false,
             versioning: false,
+            origin: None,
+            stream_pos: StreamPos::ZERO,
+            announced: false,
         }
     }
 
@@ -223,7 +268,10 @@ impl DocActor {
         }
         if let Some(doc) = self.document.as_mut() {
             let ids: Vec<ClientID> = c.awareness.into_iter().collect();
-            if doc.remove_awareness(&ids).is_some() {
+            if let Some(removal) = doc.remove_awareness(&ids) {
+                if let Some(cluster) = self.registry.cluster() {
+                    cluster.publish_awareness(&self.name, &removal);
+                }
                 self.awareness_changed(ids, ctx);
             }
         }
@@ -267,8 +315,14 @@ impl DocActor {
     /// connection load it again from durable storage.
     fn fail(&mut self, reason: String, ctx: &mut Context<Self>) {
         error!(doc = %self.name, %reason, "document failed, closing its connections");
+        // In cluster mode the cause is Redis (or a rebuild from it): 1013, try again later.
+        let code = if self.registry.cluster().is_some() {
+            CloseCode::Again
+        } else {
+            CloseCode::Error
+        };
         for (_, c) in self.conns.drain() {
-            c.kick.kick(CloseCode::Error, "document unavailable, retry");
+            c.kick.kick(code, "document unavailable, retry");
         }
         self.failed = Some(reason);
         self.closing = true;
@@ -281,15 +335,24 @@ impl DocActor {
             return;
         }
         self.flushing = Some(self.pending.len());
+        if let Some(cluster) = self.registry.cluster().cloned() {
+            let name = self.name.clone();
+            ctx.spawn(
+                async move { cluster.flush(&name).await.map_err(|e| e.to_string()) }
+                    .into_actor(self)
+                    .map(|result, act, ctx| act.flushed(result, ctx)),
+            );
+            return;
+        }
         let flusher = self.registry.flusher();
         ctx.spawn(
-            async move { flusher.flush().await }
+            async move { flusher.flush().await.map_err(|e| e.to_string()) }
                 .into_actor(self)
                 .map(|result, act, ctx| act.flushed(result, ctx)),
         );
     }
 
-    fn flushed(&mut self, result: Result<(), super::flusher::FlushError>, ctx: &mut Context<Self>) {
+    fn flushed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
         let covered = self.flushing.take().unwrap_or(0);
         if let Err(e) = result {
             self.fail(format!("storage flush failed: {e}"), ctx);
@@ -369,6 +432,10 @@ impl DocActor {
         if self.compacting || self.log_count == 0 {
             return;
         }
+        if self.registry.cluster().is_some() {
+            self.compact_in_cluster(ctx);
+            return;
+        }
         let Some(doc) = self.document.as_ref() else {
             return;
         };
@@ -415,6 +482,12 @@ impl DocActor {
     /// Replaces a document that may be inconsistent with what durable storage (which includes
     /// every accepted update) says, keeping connections and awareness.
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        if self.registry.cluster().is_some() {
+            // Updates of this actor may still be on their way to the stream, so a fresh load
+            // could miss them; a new actor, whose reader does not skip them, is loaded instead.
+            self.fail("rebuilding from Redis after a rejected update".into(), ctx);
+            return;
+        }
         let store = self.store();
         let name = self.name.clone();
         ctx.wait(
@@ -442,7 +515,10 @@ impl DocActor {
 impl Actor for DocActor {
     type Context = Context<Self>;
 
-    fn stopped(&mut self, _: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        if let (Some(cluster), Some(_)) = (self.registry.cluster(), &self.origin) {
+            cluster.unregister(&self.name, &ctx.address().recipient());
+        }
         if self.counted_loaded {
             METRICS.documents_loaded.dec();
             METRICS.document_unloads.inc();
@@ -450,21 +526,14 @@ impl Actor for DocActor {
     }
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let store = self.store();
+        let registry = self.registry.clone();
         let name = self.name.clone();
-        let span = info_span!("load", doc = %self.name);
         // `wait` holds back every message (joins included) until the document is loaded, so no
         // client is ever answered from a document that is still empty.
         ctx.wait(
             async move {
                 let started = std::time::Instant::now();
-                let r = tokio::task::spawn_blocking(move || {
-                    let _g = span.enter();
-                    load(store.as_ref(), &name)
-                })
-                .await
-                .map_err(|e| LoadError::Task(e.to_string()))
-                .and_then(|r| r);
+                let r = load_doc(&registry, name).await;
                 (r, started.elapsed())
             }
             .into_actor(self)
@@ -482,6 +551,7 @@ impl Actor for DocActor {
                     // Snapshot plus log: an upper bound of the encoded size.
                     act.encoded_estimate = loaded.snapshot_bytes + loaded.log_bytes;
                     act.snapshot_bytes = loaded.snapshot_bytes;
+                    act.follow_stream(loaded.position, ctx);
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }
