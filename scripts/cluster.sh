@@ -74,9 +74,15 @@ stop_all() {
   echo "== stopping"
   # Load balancer first so no client lands on an instance that is going away, Redis last so the
   # instances' final writes reach it.
-  local i
+  local i t
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
     kill -TERM "${pids[$i]}" 2>/dev/null || true
+    # Bounded: a process that ignores SIGTERM must not keep its port after the script is gone.
+    for ((t = 0; t < 100; t++)); do
+      kill -0 "${pids[$i]}" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "${pids[$i]}" 2>/dev/null || true
     wait "${pids[$i]}" 2>/dev/null || true
   done
   if [ -z "$keep" ]; then rm -rf "$dir"; else echo "kept $dir"; fi
@@ -108,6 +114,8 @@ daemonize no
 appendonly yes
 appendfsync always
 maxmemory-policy noeviction
+# The AOF is the copy; without save points Redis also never refuses a SIGTERM over a failed RDB.
+save ""
 logfile $dir/redis.log
 EOF
 redis-server "$dir/redis.conf" &
