@@ -511,7 +511,7 @@ pub async fn run(
             ),
         ),
         (
-            "convergence (fresh client)".into(),
+            "convergence (fresh client per instance)".into(),
             match j["convergence"]["converged"].as_bool() {
                 Some(true) => format!(
                     "yes: {} characters, every writer's clock matches",
