@@ -315,3 +315,28 @@ async fn the_document_api_answers_alike_on_every_instance() {
     let (_, list) = json(&a, "GET", "/api/docs", b"");
     assert_eq!(list["docs"].as_array().unwrap().len(), 0, "{list}");
 }
+
+#[tokio::test]
+async fn a_redis_that_does_not_fsync_every_write_is_reported_at_start_up() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let ok = instance(&redis, &[]);
+    let _: () = redis.query(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg("everysec"),
+    );
+    let lax = instance(&redis, &[]);
+    let warning = "REDIS DOES NOT FSYNC EVERY WRITE";
+    assert!(
+        wait_until(WAIT, || lax.log().contains(warning)).await,
+        "{}",
+        lax.log()
+    );
+    assert!(lax.log().contains("appendfsync=everysec"), "{}", lax.log());
+    assert!(!ok.log().contains(warning), "{}", ok.log());
+    assert!(ok.log().contains("appendfsync always"), "{}", ok.log());
+}
