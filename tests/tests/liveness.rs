@@ -105,3 +105,64 @@ async fn a_client_that_cannot_keep_up_is_disconnected_not_buffered() {
     assert!(!reader.is_closed() && !writer.is_closed());
     assert_eq!(source.transact().state_vector().len(), 1);
 }
+
+/// Broadcasts are written straight into a free socket by the document (`ws::direct`); when the
+/// kernel takes only part of one, the session must send the rest before anything else. A
+/// reader that keeps its receive window small and stalls makes that happen over and over; it
+/// must still receive every update, frame by frame intact.
+#[tokio::test]
+async fn a_stalling_reader_receives_every_broadcast_intact() {
+    use futures_util::StreamExt;
+    use tokio::net::TcpSocket;
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, Update};
+
+    let server = Server::start(&["--rate-limit-bytes", "100000000"]);
+    let writer = synced_client(&server.url("stalled")).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(server.url("stalled"), tcp)
+        .await
+        .unwrap();
+    let sv = Message::Sync(SyncMessage::SyncStep1(StateVector::default())).encode_v1();
+    ws.send(WsMessage::Binary(sv.into())).await.unwrap();
+    // Each broadcast under the 64 KiB a direct write takes, most over what a stalled socket
+    // has room for.
+    let chunk = "x".repeat(50_000);
+    for i in 0..60u32 {
+        writer.insert(i * 50_000, &chunk);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let doc = Doc::new();
+    let text = doc.get_or_insert_text("t");
+    let expected = 60 * 50_000;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut frames = 0u32;
+    while text.get_string(&doc.transact()).len() < expected {
+        assert!(std::time::Instant::now() < deadline, "not everything arrived");
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the server stopped sending")
+            .expect("the connection ended")
+            .expect("a frame that does not parse");
+        frames += 1;
+        if frames % 2 == 0 {
+            // Stall: the server's socket buffer fills while this side does not read.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let WsMessage::Binary(bytes) = msg else {
+            continue;
+        };
+        let mut decoder = yrs::updates::decoder::DecoderV1::from(bytes.as_ref());
+        for m in yrs::sync::protocol::MessageReader::new(&mut decoder) {
+            let update = match m.expect("a message that decodes") {
+                Message::Sync(SyncMessage::SyncStep2(u)) | Message::Sync(SyncMessage::Update(u)) => u,
+                _ => continue,
+            };
+            let u = Update::decode_v1(&update).expect("an update that decodes");
+            doc.transact_mut().apply_update(u).unwrap();
+        }
+    }
+    assert_eq!(text.get_string(&doc.transact()), writer.text());
+}

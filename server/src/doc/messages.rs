@@ -82,7 +82,7 @@ pub enum JoinError {
     Unavailable(String),
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "Result<(), JoinError>")]
 pub struct Join {
     pub conn: Uuid,
@@ -93,6 +93,8 @@ pub struct Join {
     /// Acknowledge each of its Update and SyncStep2 messages once durable (a Hocuspocus
     /// provider's SyncStatus), with [`ack_message`].
     pub acks: bool,
+    /// The connection's socket, for broadcasts written straight into it when it is free.
+    pub direct: Option<Arc<crate::ws::direct::Direct>>,
 }
 
 /// What the document sends a connection that asked for acknowledgements: the Hocuspocus

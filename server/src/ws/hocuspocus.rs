@@ -25,7 +25,7 @@ use super::transport::{Ending, Inbound, InboundError, Transport};
 use super::upgrade::Upgrades;
 use crate::auth::presented_token;
 use crate::doc::actor::DocActor;
-use crate::doc::messages::{Incoming, Kick, Leave, Outgoing};
+use crate::doc::messages::{Incoming, Join, Kick, Leave, Outgoing};
 use crate::telemetry::{Kind, METRICS};
 
 const SYNC: u32 = 0;
@@ -174,16 +174,16 @@ impl Socket<'_> {
         let conn = Uuid::new_v4();
         let (tx, mut rx) =
             mpsc::channel::<Outgoing>(self.up.registry.config().outbound_queue.max(1));
-        let joined = join(
-            &self.up.registry,
-            name,
+        let member = Join {
             conn,
             tx,
-            self.kick.clone(),
-            access.read_only,
-            true,
-        )
-        .await;
+            kick: self.kick.clone(),
+            read_only: access.read_only,
+            acks: true,
+            // Messages are tagged with the document name on their way out: always queued.
+            direct: None,
+        };
+        let joined = join(&self.up.registry, name, member).await;
         let addr = match joined {
             Ok(addr) => addr,
             Err(why) => {

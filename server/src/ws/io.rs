@@ -1,11 +1,12 @@
 //! The socket under a session: plain TCP or TLS, metered, and how it is closed (a deadline on
 //! the close frame, an abort after it, and a lingering close after an oversized message).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -15,6 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use super::close::{close_frame, ws_error_close};
+use super::direct::Direct;
 use super::metered::{is_budget_exhausted, Metered};
 use super::transport::{Ending, Gone, Inbound, InboundError, Transport};
 use crate::counters::count;
@@ -41,9 +43,17 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + 'static {
     /// Drops the connection with a reset, discarding whatever is unsent: for a peer that
     /// stopped reading.
     fn abort(&self);
+    /// The plain socket, where bytes written go to the peer unchanged (not under TLS).
+    fn direct(&self) -> Option<Arc<Direct>> {
+        None
+    }
 }
 
 impl Io for TcpStream {
+    fn direct(&self) -> Option<Arc<Direct>> {
+        Direct::new(self)
+    }
+
     fn abort(&self) {
         // Linger 0: close() sends RST at once instead of keeping the unsent data (and the
         // socket) around for the kernel to retry.
@@ -60,6 +70,9 @@ impl Io for actix_tls::accept::rustls_0_23::TlsStream<TcpStream> {
 impl<S: Io> Io for Metered<S> {
     fn abort(&self) {
         self.get_ref().abort();
+    }
+    fn direct(&self) -> Option<Arc<Direct>> {
+        self.get_ref().direct()
     }
 }
 
@@ -177,5 +190,16 @@ impl<S: Io> Transport for Ws<S> {
 
     async fn close(self, ending: Ending) {
         close(self, ending).await
+    }
+
+    fn direct(&self) -> Option<Arc<Direct>> {
+        self.get_ref().direct()
+    }
+
+    async fn write_raw(&mut self, bytes: Bytes) -> Result<(), Gone> {
+        SinkExt::flush(self).await.map_err(|_| Gone)?;
+        let socket = self.get_mut();
+        socket.write_all(&bytes).await.map_err(|_| Gone)?;
+        socket.flush().await.map_err(|_| Gone)
     }
 }

@@ -2,6 +2,7 @@
 //! under it, and the limits on all three.
 
 pub mod close;
+pub mod direct;
 pub mod hocuspocus;
 pub mod io;
 pub mod limits;

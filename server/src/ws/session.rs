@@ -12,6 +12,7 @@ use tracing::{info, warn, Instrument};
 use uuid::Uuid;
 
 use super::close::{protocol_close, reason, token_expired, CloseCode, CloseReason};
+use super::direct::{is_tail_marker, CloseOnDrop, Direct};
 use super::limits::SlotGuard;
 use super::rate::{RateLimit, Verdict};
 use super::transport::{Ending, Inbound, InboundError, Transport};
@@ -45,11 +46,7 @@ pub struct Admitted {
 pub(crate) async fn join(
     registry: &Registry,
     name: &str,
-    conn: Uuid,
-    tx: mpsc::Sender<Outgoing>,
-    kick: Arc<Kick>,
-    read_only: bool,
-    acks: bool,
+    member: Join,
 ) -> Result<Addr<DocActor>, CloseReason> {
     for attempt in 0..JOIN_ATTEMPTS {
         if attempt > 0 {
@@ -66,14 +63,7 @@ pub(crate) async fn join(
                 ));
             }
         };
-        let msg = Join {
-            conn,
-            tx: tx.clone(),
-            kick: kick.clone(),
-            read_only,
-            acks,
-        };
-        match addr.send(msg).await {
+        match addr.send(member.clone()).await {
             Ok(Ok(())) => return Ok(addr),
             Ok(Err(JoinError::Unavailable(why))) => {
                 return Err(reason(
@@ -124,22 +114,44 @@ const GONE: Step = Step::End(Ending::Close(None));
 
 /// Writes `first` and everything already queued behind it with one flush: under load a reader
 /// costs one syscall per batch, not one per message.
+/// With a direct socket, the session holds it for the whole write (see `ws::direct`).
 async fn write_queued<T: Transport>(
     ws: &mut T,
     rx: &mut mpsc::Receiver<Outgoing>,
     first: Outgoing,
+    direct: Option<&Direct>,
 ) -> Step {
-    let mut result = ws.feed((*first).clone()).await;
+    if let Some(d) = direct {
+        d.claim();
+    }
+    let mut result = write_one(ws, first, direct).await;
     let mut n = 1;
     while result.is_ok() && n < WRITE_BATCH {
         let Ok(more) = rx.try_recv() else { break };
-        result = ws.feed((*more).clone()).await;
+        result = write_one(ws, more, direct).await;
         n += 1;
     }
     if result.is_err() || ws.flush().await.is_err() {
         return GONE;
     }
+    if let Some(d) = direct {
+        d.release(n as u64);
+    }
     Step::Continue
+}
+
+async fn write_one<T: Transport>(
+    ws: &mut T,
+    msg: Outgoing,
+    direct: Option<&Direct>,
+) -> Result<(), super::transport::Gone> {
+    if is_tail_marker(&msg) {
+        return match direct.and_then(Direct::take_tail) {
+            Some(tail) => ws.write_raw(tail).await,
+            None => Ok(()),
+        };
+    }
+    ws.feed((*msg).clone()).await
 }
 
 /// Per-connection state the input path needs besides the socket.
@@ -149,6 +161,7 @@ struct Input<'a> {
     kick: &'a Kick,
     awaiting_pong: bool,
     rate: RateLimit,
+    direct: Option<Arc<Direct>>,
 }
 
 async fn handle_input<T: Transport>(
@@ -199,10 +212,17 @@ async fn handle_input<T: Transport>(
                 Err(_) => close_with(input.kick.reason()),
             }
         }
-        Some(Ok(Inbound::Ping(payload))) => match ws.pong(payload).await {
-            Ok(()) => Step::Continue,
-            Err(_) => GONE,
-        },
+        Some(Ok(Inbound::Ping(payload))) => {
+            // tungstenite writes pongs on its own from then on, even while reading: the
+            // document must stop writing into this socket.
+            if let Some(d) = &input.direct {
+                d.close();
+            }
+            match ws.pong(payload).await {
+                Ok(()) => Step::Continue,
+                Err(_) => GONE,
+            }
+        }
         Some(Ok(Inbound::Pong)) => {
             input.awaiting_pong = false;
             Step::Continue
@@ -290,15 +310,19 @@ pub async fn run<T: Transport>(
         METRICS.connections.inc();
         // Counted down however the session ends, early returns included.
         let _open = OpenConnection;
-        let joined = join(
-            &registry,
-            &name,
+        let direct = ws.direct();
+        // The actor stops writing into the socket however the session ends: a local, so it is
+        // dropped before `ws` (captured by this block) closes the socket, on cancel or panic too.
+        let _direct = CloseOnDrop(direct.clone());
+        let member = Join {
             conn,
             tx,
-            kick.clone(),
-            access.read_only,
-            false,
-        );
+            kick: kick.clone(),
+            read_only: access.read_only,
+            acks: false,
+            direct: direct.clone(),
+        };
+        let joined = join(&registry, &name, member);
         let addr = match Box::pin(joined).await {
             Ok(addr) => addr,
             Err(why) => {
@@ -314,6 +338,7 @@ pub async fn run<T: Transport>(
             conn,
             kick: &kick,
             awaiting_pong: false,
+            direct: direct.clone(),
             rate: RateLimit::new(
                 config.rate_limit_messages,
                 config.rate_limit_bytes,
@@ -358,7 +383,7 @@ pub async fn run<T: Transport>(
                 // A client that stopped reading blocks the write; the document then kicks it
                 // (full queue), and the kick must win over the write that never finishes.
                 Event::Out(Some(bytes)) => tokio::select! {
-                    step = write_queued(&mut ws, &mut rx, bytes) => step,
+                    step = write_queued(&mut ws, &mut rx, bytes, direct.as_deref()) => step,
                     why = &mut kicked => close_with(why),
                 },
                 Event::In(msg) => handle_input(msg, &mut ws, &mut input).await,
@@ -372,8 +397,16 @@ pub async fn run<T: Transport>(
                         close_with(reason(CloseCode::Away, "heartbeat timeout"))
                     } else {
                         input.awaiting_pong = true;
+                        if let Some(d) = &direct {
+                            d.claim();
+                        }
                         match ws.ping().await {
-                            Ok(()) => Step::Continue,
+                            Ok(()) => {
+                                if let Some(d) = &direct {
+                                    d.release(0);
+                                }
+                                Step::Continue
+                            }
                             Err(_) => GONE,
                         }
                     }
@@ -401,6 +434,9 @@ pub async fn run<T: Transport>(
             duration_ms = opened.elapsed().as_millis() as u64,
             "connection closed"
         );
+        if let Some(d) = &direct {
+            d.close();
+        }
         Box::pin(ws.close(ending)).await;
     }
     .instrument(span)

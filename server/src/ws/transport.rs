@@ -3,9 +3,12 @@
 //! protocol logic in `ws::session` is written once against this trait; the adapters only map
 //! messages and errors.
 
+use std::sync::Arc;
+
 use actix_web::web::Bytes;
 
 use super::close::CloseReason;
+use super::direct::Direct;
 
 /// A message read from the client.
 pub enum Inbound {
@@ -65,4 +68,15 @@ pub trait Transport {
     async fn pong(&mut self, payload: Bytes) -> Result<(), Gone>;
     /// Ends the connection within bounded time, whatever the client does.
     async fn close(self, ending: Ending);
+    /// The socket, for the document to write broadcasts into directly (`ws::direct`); only
+    /// where frames go unchanged onto a plain socket.
+    fn direct(&self) -> Option<Arc<Direct>> {
+        None
+    }
+    /// Sends bytes that are already framed (the tail of a direct write), after flushing what
+    /// `feed` queued. Only called when `direct` gave a socket.
+    async fn write_raw(&mut self, bytes: Bytes) -> Result<(), Gone> {
+        let _ = bytes;
+        Err(Gone)
+    }
 }

@@ -38,6 +38,7 @@ use super::registry::Registry;
 use crate::cluster::{Backlog, StreamPos};
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
+use crate::ws::direct::{Direct, Offer};
 
 struct Conn {
     tx: mpsc::Sender<Outgoing>,
@@ -47,6 +48,8 @@ struct Conn {
     read_only: bool,
     /// It wants a SyncStatus for each of its changes (Hocuspocus).
     acks: bool,
+    /// Its socket, when broadcasts may be written into it directly (`ws::direct`).
+    direct: Option<Arc<Direct>>,
     /// Document changes refused from this (read-only) connection.
     refused: u64,
     /// Its first SyncStep1 was answered (for the first-sync size histogram).
@@ -169,10 +172,18 @@ impl DocActor {
     }
 
     /// Whether the message was queued.
-    fn send_shared(&mut self, conn: Uuid, bytes: Outgoing, ctx: &mut Context<Self>) -> bool {
+    fn send_shared(&mut self, conn: Uuid, mut bytes: Outgoing, ctx: &mut Context<Self>) -> bool {
         let Some(c) = self.conns.get(&conn) else {
             return false;
         };
+        if let Some(d) = &c.direct {
+            match d.offer(&bytes) {
+                Offer::Written => return true,
+                // The session sends the rest before anything queued after it.
+                Offer::Partial => bytes = Direct::tail_marker(),
+                Offer::Queue => {}
+            }
+        }
         match c.tx.try_send(bytes) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -538,6 +549,7 @@ impl Handler<Join> for DocActor {
                 awareness: HashSet::new(),
                 read_only: msg.read_only,
                 acks: msg.acks,
+                direct: msg.direct,
                 refused: 0,
                 synced_once: false,
             },
