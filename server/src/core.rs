@@ -56,7 +56,6 @@ impl Core {
             Duration::from_millis(config.debug_flush_delay_ms),
             fatal.clone(),
         );
-        let webhooks = webhooks::Webhooks::start(config.webhooks(), store.clone())?;
         let cluster = match &config.redis_url {
             Some(url) => Some(Cluster::connect(
                 url,
@@ -64,6 +63,8 @@ impl Core {
             )?),
             None => None,
         };
+        let webhooks =
+            webhooks::Webhooks::start(config.webhooks(), store.clone(), cluster.clone())?;
         let registry = Registry::new(
             store.clone(),
             flusher,

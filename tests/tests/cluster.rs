@@ -123,8 +123,11 @@ async fn compaction_under_concurrent_writes_trims_and_loses_nothing() {
     // Each edit was its own update: the stream holds far fewer than 300 now.
     let len: i64 = redis.query(redis::cmd("XLEN").arg("collab:{compacted}:log"));
     assert!(len < 200, "stream not trimmed: {len} entries");
-    let upto: Option<String> =
-        redis.query(redis::cmd("HGET").arg("collab:{compacted}:snap").arg("upto"));
+    let upto: Option<String> = redis.query(
+        redis::cmd("HGET")
+            .arg("collab:{compacted}:snap")
+            .arg("upto"),
+    );
     assert!(upto.is_some(), "no snapshot written");
     let fresh = instance(&redis, &[]);
     let c = synced_client(&fresh.url("compacted")).await;
@@ -156,7 +159,9 @@ async fn an_instance_behind_a_trim_reloads_from_the_snapshot() {
     }
     // Resumed only once a trimmed entries b never read (a busy machine compacts late).
     assert!(
-        wait_until(WAIT, || metric(&a, "collab_redis_trims_total") > trims_before).await,
+        wait_until(WAIT, || metric(&a, "collab_redis_trims_total")
+            > trims_before)
+        .await,
         "a never compacted"
     );
     std::process::Command::new("kill")
@@ -200,10 +205,14 @@ async fn awareness_crosses_instances_and_is_removed_on_disconnect() {
         })
         .await;
     alice.close();
-    bob.wait_for("alice's removal", |c| !c.awareness_states().contains_key(&id))
-        .await;
+    bob.wait_for("alice's removal", |c| {
+        !c.awareness_states().contains_key(&id)
+    })
+    .await;
     carol
-        .wait_for("alice's removal", |c| !c.awareness_states().contains_key(&id))
+        .wait_for("alice's removal", |c| {
+            !c.awareness_states().contains_key(&id)
+        })
         .await;
 }
 
@@ -245,4 +254,89 @@ async fn redis_away_for_a_while_is_survived() {
     let fresh = instance(&redis, &[]);
     let c = synced_client(&fresh.url("outage")).await;
     assert_eq!(c.text(), "during;before;");
+}
+
+fn json(server: &Server, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let (status, body) = http(server.addr, method, path, &[], body);
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_document_api_answers_alike_on_every_instance() {
+    use yrs::{Doc, Text, Transact};
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let a = instance(&redis, &[]);
+    let b = instance(&redis, &[]);
+    let watcher = synced_client(&b.url("api-doc")).await;
+    // A backend's update through a: b's client sees it, b's API reads it.
+    let doc = Doc::new();
+    let update = {
+        let t = doc.get_or_insert_text("t");
+        let mut txn = doc.transact_mut();
+        t.insert(&mut txn, 0, "from the api");
+        txn.encode_update_v1()
+    };
+    let (status, _) = json(&a, "POST", "/api/docs/api-doc/update", &update);
+    assert_eq!(status, 200);
+    watcher.wait_text("from the api").await;
+    let (status, content) = json(&b, "GET", "/api/docs/api-doc", b"");
+    assert_eq!(status, 200);
+    assert_eq!(content["t"], "from the api");
+    // A listing on a third instance, which never loaded the document.
+    let c = instance(&redis, &[]);
+    let (status, list) = json(&c, "GET", "/api/docs", b"");
+    assert_eq!(status, 200);
+    let docs = list["docs"].as_array().unwrap();
+    assert_eq!(docs.len(), 1, "{list}");
+    assert_eq!(docs[0]["name"], "api-doc");
+    assert!(docs[0]["size"].as_u64().unwrap() > 0);
+    // A version made on a is listed and read on c.
+    let (status, v) = json(
+        &a,
+        "POST",
+        "/api/docs/api-doc/versions",
+        br#"{"label":"v1"}"#,
+    );
+    assert_eq!(status, 201, "{v}");
+    let (_, versions) = json(&c, "GET", "/api/docs/api-doc/versions", b"");
+    assert_eq!(versions["versions"][0]["label"], "v1");
+    let (status, old) = json(&c, "GET", "/api/docs/api-doc/versions/1", b"");
+    assert_eq!(status, 200);
+    assert_eq!(old["t"], "from the api");
+    // Deleted through c: the client on b is closed with 4404 and nothing is left anywhere.
+    let (status, _) = json(&c, "DELETE", "/api/docs/api-doc", b"");
+    assert_eq!(status, 204);
+    assert_eq!(watcher.wait_closed().await, Some(4404));
+    assert_eq!(json(&a, "GET", "/api/docs/api-doc", b"").0, 404);
+    assert_eq!(json(&b, "GET", "/api/docs/api-doc/versions", b"").0, 404);
+    let (_, list) = json(&a, "GET", "/api/docs", b"");
+    assert_eq!(list["docs"].as_array().unwrap().len(), 0, "{list}");
+}
+
+#[tokio::test]
+async fn a_redis_that_does_not_fsync_every_write_is_reported_at_start_up() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let ok = instance(&redis, &[]);
+    let _: () = redis.query(
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg("everysec"),
+    );
+    let lax = instance(&redis, &[]);
+    let warning = "REDIS DOES NOT FSYNC EVERY WRITE";
+    assert!(
+        wait_until(WAIT, || lax.log().contains(warning)).await,
+        "{}",
+        lax.log()
+    );
+    assert!(lax.log().contains("appendfsync=everysec"), "{}", lax.log());
+    assert!(!ok.log().contains(warning), "{}", ok.log());
+    assert!(ok.log().contains("appendfsync always"), "{}", ok.log());
 }

@@ -20,10 +20,17 @@ pub struct Entry {
 
 #[derive(Debug)]
 pub enum EntryKind {
-    Update { origin: Vec<u8>, bytes: Vec<u8> },
+    Update {
+        origin: Vec<u8>,
+        bytes: Vec<u8>,
+    },
     /// A compaction wrote a snapshot covering ids up to `upto` and trimmed the stream below.
-    Trimmed { upto: StreamPos },
-    Deleted { origin: Vec<u8> },
+    Trimmed {
+        upto: StreamPos,
+    },
+    Deleted {
+        origin: Vec<u8>,
+    },
     /// Not a document entry (the reader's wake-ups), or a kind a newer instance wrote.
     Other,
 }
@@ -234,7 +241,7 @@ pub async fn compact(
     })
 }
 
-/// Empties the document for every instance: the snapshot goes, the stream keeps its last id
+/// Empties the document for every instance: the snapshot and the versions go, the stream keeps its last id
 /// (so new ids stay above every reader's position) and gets a `del` marker that tells the
 /// instances holding the document to drop their copy.
 const DELETE: &str = r"
@@ -242,6 +249,10 @@ local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local existed = redis.call('EXISTS', KEYS[1]) == 1
 if #last > 0 and not (last[1][2][1] == 't' and last[1][2][2] == 'del') then existed = true end
 redis.call('DEL', KEYS[1])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  redis.call('DEL', KEYS[5] .. id)
+end
+redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('XTRIM', KEYS[2], 'MAXLEN', 0)
 redis.call('XADD', KEYS[2], '*', 't', 'del', 'i', ARGV[1])
 if existed then return 1 else return 0 end
@@ -252,9 +263,13 @@ pub async fn delete(
     name: &str,
     origin: &str,
 ) -> Result<bool, ClusterError> {
+    let [vseq, vers] = super::catalog::version_keys(name);
     let existed: i64 = Script::new(DELETE)
         .key(keys::snapshot(name))
         .key(keys::log(name))
+        .key(&vseq)
+        .key(&vers)
+        .key(format!("collab:{{{name}}}:ver:"))
         .arg(origin)
         .invoke_async(conn)
         .await?;

@@ -7,6 +7,7 @@
 //! it was acknowledged, every instance holding the document reads the stream and applies what
 //! others appended, and loading reads snapshot and stream in one transaction.
 
+mod catalog;
 pub mod content;
 pub mod keys;
 mod presence;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
+use collab_storage::{DocStats, VersionMeta};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ProtocolVersion, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -61,7 +63,10 @@ impl From<redis::RedisError> for ClusterError {
 pub enum RemoteEvent {
     /// Entries other instances appended, in stream order; the document now covers the stream
     /// up to `upto` (its own entries included).
-    Entries { entries: Vec<Entry>, upto: StreamPos },
+    Entries {
+        entries: Vec<Entry>,
+        upto: StreamPos,
+    },
     /// The stream was trimmed past this instance's position: load again from the snapshot.
     Reload,
     /// A y-protocols awareness message from another instance.
@@ -87,7 +92,10 @@ impl Health {
     fn set_down(&self, why: &str) {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = why.to_owned();
         if self.up.swap(false, Ordering::SeqCst) {
-            error!(error = why, "Redis is unavailable: refusing updates until it answers again");
+            error!(
+                error = why,
+                "Redis is unavailable: refusing updates until it answers again"
+            );
         }
         METRICS.redis_up.set(0);
     }
@@ -307,6 +315,58 @@ impl Cluster {
             .await
     }
 
+    /// Whether anything was ever written to `name` (and it was not deleted since).
+    pub async fn exists(&self, name: &str) -> Result<bool, ClusterError> {
+        let mut conn = self.inner.conn.clone();
+        let name = name.to_owned();
+        self.run(async move { catalog::exists(&mut conn, &name).await })
+            .await
+    }
+
+    /// Every document name, unordered.
+    pub async fn list(&self) -> Result<Vec<String>, ClusterError> {
+        let mut conn = self.inner.conn.clone();
+        self.run(async move { catalog::list(&mut conn).await })
+            .await
+    }
+
+    pub async fn stats(&self, name: &str) -> Result<Option<DocStats>, ClusterError> {
+        let mut conn = self.inner.conn.clone();
+        let name = name.to_owned();
+        self.run(async move { catalog::stats(&mut conn, &name).await })
+            .await
+    }
+
+    pub async fn put_version(
+        &self,
+        name: &str,
+        label: &str,
+        state: Vec<u8>,
+    ) -> Result<VersionMeta, ClusterError> {
+        let mut conn = self.inner.conn.clone();
+        let (name, label) = (name.to_owned(), label.to_owned());
+        self.run(async move { catalog::put_version(&mut conn, &name, &label, &state).await })
+            .await
+    }
+
+    pub async fn versions(&self, name: &str) -> Result<Vec<VersionMeta>, ClusterError> {
+        let mut conn = self.inner.conn.clone();
+        let name = name.to_owned();
+        self.run(async move { catalog::versions(&mut conn, &name).await })
+            .await
+    }
+
+    pub async fn version(
+        &self,
+        name: &str,
+        id: u64,
+    ) -> Result<Option<(VersionMeta, Vec<u8>)>, ClusterError> {
+        let mut conn = self.inner.conn.clone();
+        let name = name.to_owned();
+        self.run(async move { catalog::version(&mut conn, &name, id).await })
+            .await
+    }
+
     /// A round trip to Redis, for `/readyz`.
     pub async fn ping(&self) -> Result<(), ClusterError> {
         let mut conn = self.inner.conn.clone();
@@ -339,9 +399,7 @@ async fn start(
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| {
-            ClusterError::Unavailable(format!(
-                "no answer from Redis within {CONNECT_TIMEOUT:?}"
-            ))
+            ClusterError::Unavailable(format!("no answer from Redis within {CONNECT_TIMEOUT:?}"))
         })?;
     check_persistence(&mut conn.clone()).await;
     // The blocking reads get a connection of their own, with room for the block itself.
@@ -404,11 +462,8 @@ async fn start(
 
 async fn watch_health(mut conn: ConnectionManager, health: Arc<Health>) {
     loop {
-        let ping = tokio::time::timeout(
-            PING_EVERY,
-            redis::cmd("PING").query_async::<()>(&mut conn),
-        )
-        .await;
+        let ping =
+            tokio::time::timeout(PING_EVERY, redis::cmd("PING").query_async::<()>(&mut conn)).await;
         match ping {
             Ok(Ok(())) => health.set_up(),
             Ok(Err(e)) => health.set_down(&e.to_string()),

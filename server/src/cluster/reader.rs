@@ -222,8 +222,7 @@ pub async fn run(
                 continue;
             }
         };
-        let generations: HashMap<&str, u64> =
-            wanted.iter().map(|(n, _, g)| (&**n, *g)).collect();
+        let generations: HashMap<&str, u64> = wanted.iter().map(|(n, _, g)| (&**n, *g)).collect();
         for (key, entries) in content::streams(&reply) {
             if key == wake {
                 if let Some(last) = entries.last() {

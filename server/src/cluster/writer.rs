@@ -99,7 +99,11 @@ pub async fn run(
             // A document with a flush in this pipeline learns of the failure from it (and
             // reloads); the others learn at their next flush.
             let told: HashSet<&Arc<str>> = waiters.iter().map(|(n, _)| n).collect();
-            let untold: Vec<Arc<str>> = written.iter().filter(|n| !told.contains(n)).cloned().collect();
+            let untold: Vec<Arc<str>> = written
+                .iter()
+                .filter(|n| !told.contains(n))
+                .cloned()
+                .collect();
             poisoned.extend(untold);
         }
         for (name, reply) in waiters {

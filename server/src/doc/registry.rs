@@ -12,9 +12,9 @@ use collab_storage::Store;
 use tracing::warn;
 
 use super::actor::DocActor;
-use crate::cluster::Cluster;
 use super::flusher::Flusher;
 use super::messages::Evict;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::counters::count;
 use crate::webhooks::Webhooks;

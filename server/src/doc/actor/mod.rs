@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use collab_crdt::{ClientID, Document, DocumentError};
-use collab_storage::{CompactionPolicy, Store, StoreError};
+use collab_crdt::{ClientID, Document};
+use collab_storage::{CompactionPolicy, Store};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info, info_span, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 // Awareness relaying, batched per window.
@@ -26,12 +26,16 @@ mod backend;
 mod input;
 // Cluster mode: what other instances appended, trims, awareness from Redis.
 mod remote;
+// Loading a document from the local store or from Redis.
+mod load;
+
+use load::{load, load_doc, LoadError};
 
 use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
 use super::registry::Registry;
-use crate::cluster::{ClusterError, StreamPos};
+use crate::cluster::StreamPos;
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
 
@@ -66,73 +70,6 @@ enum Pending {
 enum ApplyFailure {
     Storage,
     Rejected(String),
-}
-
-/// What loading produced: the document and where its log stands.
-struct Loaded {
-    document: Document,
-    next_seq: u64,
-    log_count: u64,
-    log_bytes: u64,
-    snapshot_bytes: u64,
-    /// Cluster mode: the last stream id the loaded content covers.
-    position: StreamPos,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum LoadError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Document(#[from] DocumentError),
-    #[error("load task failed: {0}")]
-    Task(String),
-    #[error(transparent)]
-    Cluster(#[from] ClusterError),
-}
-
-/// Loads from Redis in cluster mode, else from the local store.
-async fn load_doc(registry: &Registry, name: Arc<str>) -> Result<Loaded, LoadError> {
-    if let Some(cluster) = registry.cluster() {
-        let stored = cluster.load(&name).await?;
-        let document = Document::load(
-            stored.snapshot.as_deref(),
-            stored.updates.iter().map(Vec::as_slice),
-        )?;
-        return Ok(Loaded {
-            document,
-            next_seq: 0,
-            log_count: stored.updates.len() as u64,
-            log_bytes: stored.updates.iter().map(|u| u.len() as u64).sum(),
-            snapshot_bytes: stored.snapshot.as_ref().map_or(0, |s| s.len() as u64),
-            position: stored.position,
-        });
-    }
-    let store = registry.store();
-    let span = info_span!("load", doc = %name);
-    tokio::task::spawn_blocking(move || {
-        let _g = span.enter();
-        load(store.as_ref(), &name)
-    })
-    .await
-    .map_err(|e| LoadError::Task(e.to_string()))
-    .and_then(|r| r)
-}
-
-fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
-    let stored = store.load(name)?;
-    let document = Document::load(
-        stored.snapshot.as_deref(),
-        stored.log.iter().map(|(_, u)| u.as_slice()),
-    )?;
-    Ok(Loaded {
-        document,
-        next_seq: stored.next_seq(),
-        log_count: stored.log.len() as u64,
-        log_bytes: stored.log_bytes(),
-        snapshot_bytes: stored.snapshot_bytes(),
-        position: StreamPos::ZERO,
-    })
 }
 
 pub struct DocActor {
