@@ -31,6 +31,10 @@ pub enum EntryKind {
     Deleted {
         origin: Vec<u8>,
     },
+    /// An update the reading actor appended itself (set by the reader): only its size matters.
+    Own {
+        len: u64,
+    },
     /// Not a document entry (the reader's wake-ups), or a kind a newer instance wrote.
     Other,
 }
@@ -113,8 +117,8 @@ pub fn streams(v: &Value) -> Vec<(String, Vec<Entry>)> {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub snapshot: Option<Vec<u8>>,
-    /// Updates after the snapshot, in stream order.
-    pub updates: Vec<Vec<u8>>,
+    /// Updates after the snapshot, in stream order, with their ids.
+    pub updates: Vec<(StreamPos, Vec<u8>)>,
     /// The last stream id the loaded content covers; reading continues after it.
     pub position: StreamPos,
 }
@@ -153,8 +157,8 @@ pub async fn load(conn: &mut ConnectionManager, name: &str) -> Result<Loaded, Cl
         }
         loaded.position = e.id;
         match e.kind {
-            EntryKind::Update { bytes, .. } => loaded.updates.push(bytes),
-            EntryKind::Trimmed { .. } | EntryKind::Other => {}
+            EntryKind::Update { bytes, .. } => loaded.updates.push((e.id, bytes)),
+            EntryKind::Trimmed { .. } | EntryKind::Own { .. } | EntryKind::Other => {}
             EntryKind::Deleted { .. } => {
                 loaded.snapshot = None;
                 loaded.updates.clear();

@@ -7,6 +7,7 @@
 //! it was acknowledged, every instance holding the document reads the stream and applies what
 //! others appended, and loading reads snapshot and stream in one transaction.
 
+mod backlog;
 mod catalog;
 pub mod content;
 pub mod keys;
@@ -26,6 +27,7 @@ use redis::{ProtocolVersion, Value};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+pub use backlog::Backlog;
 pub use content::{Compacted, Entry, EntryKind, Loaded};
 pub use keys::StreamPos;
 

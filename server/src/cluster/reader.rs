@@ -114,14 +114,24 @@ impl Subscriptions {
                 EntryKind::Trimmed { upto } if *upto > sub.cursor => {
                     warn!(doc = name, position = %sub.cursor, trimmed_to = %upto, "stream trimmed past this instance's position; reloading the document");
                     sub.reloading = true;
-                    METRICS.redis_reloads.inc();
                     sub.to.do_send(RemoteEvent::Reload);
                     return;
                 }
-                EntryKind::Update { origin: from, .. } | EntryKind::Deleted { origin: from }
-                    if from.as_slice() == sub.origin.as_bytes() =>
-                {
-                    // Applied here before it was appended; only the position moves.
+                EntryKind::Update {
+                    origin: from,
+                    bytes,
+                } if from == sub.origin.as_bytes() => {
+                    // Applied here before it was appended: only its size goes on, for the
+                    // compaction policy.
+                    let len = bytes.len() as u64;
+                    sub.cursor = e.id;
+                    out.push(Entry {
+                        id: e.id,
+                        kind: EntryKind::Own { len },
+                    });
+                    continue;
+                }
+                EntryKind::Deleted { origin: from } if from == sub.origin.as_bytes() => {
                     sub.cursor = e.id;
                     continue;
                 }

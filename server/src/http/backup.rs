@@ -78,7 +78,7 @@ async fn state_of(state: &HttpState, name: &str) -> Result<Option<Vec<u8>>, Tool
             let stored = cluster.load(name).await.map_err(internal_tool)?;
             let doc = collab_crdt::Document::load(
                 stored.snapshot.as_deref(),
-                stored.updates.iter().map(Vec::as_slice),
+                stored.updates.iter().map(|(_, u)| u.as_slice()),
             )
             .map_err(|e| ToolError::Damaged {
                 name: name.to_owned(),

@@ -152,6 +152,7 @@ impl DocActor {
                         act.awareness_dirty.clear();
                         act.auto_version_armed = false;
                         act.announced = false;
+                        act.backlog.clear();
                         act.deleting = false;
                         info!(doc = %act.name, existed, "document deleted");
                         act.registry.webhooks().deleted(&act.name);

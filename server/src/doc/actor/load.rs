@@ -6,7 +6,7 @@ use collab_crdt::{Document, DocumentError};
 use collab_storage::{Store, StoreError};
 use tracing::info_span;
 
-use crate::cluster::{ClusterError, StreamPos};
+use crate::cluster::{Backlog, ClusterError, StreamPos};
 use crate::doc::registry::Registry;
 
 /// What loading produced: the document and where its log stands.
@@ -18,6 +18,8 @@ pub(super) struct Loaded {
     pub(super) snapshot_bytes: u64,
     /// Cluster mode: the last stream id the loaded content covers.
     pub(super) position: StreamPos,
+    /// Cluster mode: the stream entries after the snapshot.
+    pub(super) backlog: Backlog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,15 +40,20 @@ pub(super) async fn load_doc(registry: &Registry, name: Arc<str>) -> Result<Load
         let stored = cluster.load(&name).await?;
         let document = Document::load(
             stored.snapshot.as_deref(),
-            stored.updates.iter().map(Vec::as_slice),
+            stored.updates.iter().map(|(_, u)| u.as_slice()),
         )?;
+        let mut backlog = Backlog::default();
+        for (id, u) in &stored.updates {
+            backlog.push(*id, u.len() as u64);
+        }
         return Ok(Loaded {
             document,
             next_seq: 0,
-            log_count: stored.updates.len() as u64,
-            log_bytes: stored.updates.iter().map(|u| u.len() as u64).sum(),
+            log_count: backlog.count(),
+            log_bytes: backlog.bytes(),
             snapshot_bytes: stored.snapshot.as_ref().map_or(0, |s| s.len() as u64),
             position: stored.position,
+            backlog,
         });
     }
     let store = registry.store();
@@ -73,5 +80,6 @@ pub(super) fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
         log_bytes: stored.log_bytes(),
         snapshot_bytes: stored.snapshot_bytes(),
         position: StreamPos::ZERO,
+        backlog: Backlog::default(),
     })
 }

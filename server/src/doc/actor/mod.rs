@@ -35,7 +35,7 @@ use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
 use super::registry::Registry;
-use crate::cluster::StreamPos;
+use crate::cluster::{Backlog, StreamPos};
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
 
@@ -113,6 +113,9 @@ pub struct DocActor {
     origin: Option<Arc<str>>,
     /// Cluster mode: every stream entry up to here is in `document`.
     stream_pos: StreamPos,
+    /// Cluster mode: the stream entries no snapshot covers yet (`log_count` and `log_bytes`
+    /// follow it).
+    backlog: Backlog,
     /// Cluster mode: the document's name was added to the set of documents since loading.
     announced: bool,
 }
@@ -146,6 +149,7 @@ impl DocActor {
             versioning: false,
             origin: None,
             stream_pos: StreamPos::ZERO,
+            backlog: Backlog::default(),
             announced: false,
         }
     }
@@ -488,6 +492,7 @@ impl Actor for DocActor {
                     // Snapshot plus log: an upper bound of the encoded size.
                     act.encoded_estimate = loaded.snapshot_bytes + loaded.log_bytes;
                     act.snapshot_bytes = loaded.snapshot_bytes;
+                    act.backlog = loaded.backlog;
                     act.follow_stream(loaded.position, ctx);
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);

@@ -34,6 +34,13 @@ impl DocActor {
         );
     }
 
+    /// The compaction policy reads `log_count` and `log_bytes`; in cluster mode they are the
+    /// backlog's.
+    fn sync_backlog(&mut self) {
+        self.log_count = self.backlog.count();
+        self.log_bytes = self.backlog.bytes();
+    }
+
     /// Sends local awareness changes to the other instances.
     pub(super) fn publish_awareness(&self, ids: &[ClientID]) {
         let Some(cluster) = self.registry.cluster() else {
@@ -67,8 +74,6 @@ impl DocActor {
             Ok(None) => true,
             Ok(Some(diff)) => {
                 self.full_state = None;
-                self.log_count += 1;
-                self.log_bytes += bytes.len() as u64;
                 self.encoded_estimate += diff.len() as u64;
                 if self.pending.is_empty() {
                     let msg = Bytes::from(protocol::encode_update(&diff));
@@ -96,16 +101,17 @@ impl DocActor {
         info!(doc = %self.name, connections = conns.len(), "document deleted by another instance");
         self.document = Some(Document::new());
         self.full_state = None;
-        self.log_count = 0;
-        self.log_bytes = 0;
+        self.backlog.clear();
+        self.sync_backlog();
         self.encoded_estimate = 0;
         self.measured_at = 0;
         self.announced = false;
     }
 
-    /// Reads the document again from Redis after this instance fell behind a trim, and merges
-    /// it in: local content not yet in Redis stays, and what was missed goes to the clients.
+    /// Reads the document again from Redis after this instance fell behind a trim (seen at the
+    /// trim marker, or earlier when an update after the gap does not apply), and merges it in: local content not yet in Redis stays, and what was missed goes to the clients.
     fn reload_from_cluster(&mut self, ctx: &mut Context<Self>) {
+        METRICS.redis_reloads.inc();
         let registry = self.registry.clone();
         let name = self.name.clone();
         ctx.wait(async move { load_doc(&registry, name).await }.into_actor(self).map(
@@ -116,8 +122,8 @@ impl DocActor {
                         act.fail("reload from Redis failed to merge".into(), ctx);
                         return;
                     }
-                    act.log_count = loaded.log_count;
-                    act.log_bytes = loaded.log_bytes;
+                    act.backlog = loaded.backlog;
+                    act.sync_backlog();
                     act.snapshot_bytes = loaded.snapshot_bytes;
                     info!(doc = %act.name, position = %loaded.position, "document reloaded from Redis");
                     act.follow_stream(loaded.position, ctx);
@@ -141,7 +147,6 @@ impl DocActor {
         let state = doc.encode_state();
         let upto = self.stream_pos;
         let name = self.name.clone();
-        let (count, bytes) = (self.log_count, self.log_bytes);
         ctx.spawn(
             async move {
                 let len = state.len() as u64;
@@ -152,18 +157,18 @@ impl DocActor {
                 act.compacting = false;
                 match result {
                     Ok(Compacted::Trimmed(trimmed)) => {
-                        act.log_count = act.log_count.saturating_sub(count);
-                        act.log_bytes = act.log_bytes.saturating_sub(bytes);
+                        act.backlog.trim(upto);
+                        act.sync_backlog();
                         act.snapshot_bytes = len;
                         METRICS.compactions.inc();
                         info!(doc = %act.name, %upto, trimmed, snapshot_bytes = len, "compacted in Redis");
                     }
-                    // Someone else is at it, or already covered as much: their trim marker
-                    // resets the counts when it is read.
+                    // Someone else is at it: their trim marker trims the backlog when read.
                     Ok(Compacted::Busy) => {}
+                    // The stored snapshot already covers this much.
                     Ok(Compacted::Stale) => {
-                        act.log_count = 0;
-                        act.log_bytes = 0;
+                        act.backlog.trim(upto);
+                        act.sync_backlog();
                     }
                     Err(e) => {
                         METRICS.storage_errors.inc();
@@ -185,22 +190,26 @@ impl Handler<RemoteEvent> for DocActor {
         match event {
             RemoteEvent::Entries { entries, upto } => {
                 for e in entries {
+                    if e.id <= self.stream_pos {
+                        // Read before a reload that already covered it.
+                        continue;
+                    }
                     match e.kind {
                         EntryKind::Update { bytes, .. } => {
                             if !self.apply_remote(&bytes, ctx) {
                                 self.reload_from_cluster(ctx);
                                 return;
                             }
+                            self.backlog.push(e.id, bytes.len() as u64);
                         }
-                        EntryKind::Trimmed { .. } => {
-                            self.log_count = 0;
-                            self.log_bytes = 0;
-                        }
+                        EntryKind::Own { len } => self.backlog.push(e.id, len),
+                        EntryKind::Trimmed { upto } => self.backlog.trim(upto),
                         EntryKind::Deleted { .. } => self.deleted_elsewhere(),
                         EntryKind::Other => {}
                     }
                 }
-                self.stream_pos = upto;
+                self.sync_backlog();
+                self.stream_pos = self.stream_pos.max(upto);
                 self.maybe_compact(ctx);
             }
             RemoteEvent::Reload => self.reload_from_cluster(ctx),
