@@ -177,27 +177,44 @@ export class Redis {
     this.port = port
     this.url = `redis://127.0.0.1:${port}`
     this.log = ''
+    this._spawn()
+  }
+
+  _spawn () {
     this.child = track(spawn(REDIS_SERVER, [
-      '--port', String(port), '--bind', '127.0.0.1', '--dir', dir,
+      '--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir,
       '--appendonly', 'yes', '--appendfsync', 'always', '--maxmemory-policy', 'noeviction',
       '--save', ''
     ], { stdio: ['ignore', 'pipe', 'pipe'] }))
-    this.child.stdout.on('data', (d) => { this.log += d })
-    this.child.stderr.on('data', (d) => { this.log += d })
-    this.exited = new Promise((resolve) => this.child.once('exit', (code, signal) => resolve({ code, signal })))
+    const child = this.child
+    child.stdout.on('data', (d) => { this.log += d })
+    child.stderr.on('data', (d) => { this.log += d })
+    this.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
     this._ready = (async () => {
       const deadline = Date.now() + 10000
       for (;;) {
-        if (this.child.exitCode !== null || this.child.signalCode !== null) {
+        if (child.exitCode !== null || child.signalCode !== null) {
           throw new Error(`redis-server exited before answering PING\n${this.describe()}`)
         }
         try {
-          if ((await redisCall(port, 'PING')) === 'PONG') return
+          if ((await redisCall(this.port, 'PING')) === 'PONG') return
         } catch {}
         if (Date.now() > deadline) throw new Error(`redis-server did not answer PING within 10 s\n${this.describe()}`)
         await sleep(50)
       }
     })()
+  }
+
+  /** SIGKILL: no shutdown, no final write; what survives is what the AOF fsynced. */
+  async kill () {
+    this.child.kill('SIGKILL')
+    await within(this.exited, 5000)
+  }
+
+  /** The same port and folder again (the AOF is read back). */
+  async restart () {
+    this._spawn()
+    await this._ready
   }
 
   call (...args) { return redisCall(this.port, ...args) }

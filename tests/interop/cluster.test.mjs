@@ -44,6 +44,14 @@ async function converge (clients, what, pred) {
 
 const sorted = (s) => [...s].sort().join('')
 
+/** Every byte Redis holds for a document (stream entries and snapshot), as one latin1 string. */
+async function storedBytes (room) {
+  const flat = (v) => Array.isArray(v) ? v.flatMap(flat) : Buffer.isBuffer(v) ? [v] : []
+  const log = await redis.call('XRANGE', `collab:{${room}}:log`, '-', '+')
+  const snap = await redis.call('HGETALL', `collab:{${room}}:snap`)
+  return Buffer.concat([...flat(log), ...flat(snap)]).toString('latin1')
+}
+
 /** Redis holds the document (its stream or its snapshot): the content went through Redis. */
 async function assertStoredInRedis (room) {
   const keys = await redis.call('KEYS', `collab:{${room}}:*`)
@@ -135,4 +143,39 @@ interopTest('cluster: providers behind nginx (round-robin) land on different ins
   const page = await fetch(`${lb.httpUrl}/`)
   assert.equal(page.status, 200)
   assert.match(await page.text(), /<html/i)
+})
+
+interopTest('cluster: Redis killed (-9) and restarted: the echoed edit is in its AOF, providers are told (1013) and resync by themselves', { skip: SKIP }, async () => {
+  const room = uniqueRoom('cluster-outage')
+  const a = new Client(nodes[0].url, room, 'a')
+  const b = new Client(nodes[1].url, room, 'b')
+  const closes = []
+  for (const c of [a, b]) c.provider.on('connection-close', (ev) => closes.push(`${c.name}:${ev?.code}`))
+  await waitSynced(a, b)
+  a.text.insert(0, 'before;')
+  await converge([a, b], 'the edit made before the outage to reach instance 1', (s) => s === 'before;')
+  // SIGKILL right after the echo: only what the AOF fsynced before acknowledging survives.
+  await redis.kill()
+  a.text.insert(a.text.length, 'during;')
+  const ready = async (n) => (await fetch(`${n.httpUrl}/readyz`)).status
+  await waitFor('instance 0 to answer /readyz with 503 and close its client with 1013 (try again)',
+    () => closes.includes('a:1013'), { detail: () => `closes: ${closes.join(' ')}\n${clusterNote()}`, timeoutMs: 10000 })
+  assert.equal(await ready(nodes[0]), 503)
+  assert.equal(b.text.toString(), 'before;', 'an edit that Redis never stored was shown to another client')
+  await redis.restart()
+  // Read back at once, before the instances reconnect and the providers resync (which would put
+  // the edit back whatever Redis kept): the echoed edit must be in what Redis reloaded.
+  const stored = await storedBytes(room)
+  assert.ok(stored.includes('before;'),
+    `the echoed edit is not in Redis after kill -9 and restart (its AOF lost it)\n${redis.describe()}`)
+  const deadline = Date.now() + 15000
+  while ((await Promise.all(nodes.map(ready))).some((s) => s !== 200)) {
+    assert.ok(Date.now() < deadline, `not ready 15 s after Redis returned\n${clusterNote()}`)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  // The stock provider reconnects on its own and its resync carries the edit it kept.
+  await converge([a, b], 'the edit typed during the outage to reach instance 1 after the restart',
+    (s) => s === 'before;during;')
+  const late = new Client(nodes[2].url, room, 'late')
+  await converge([a, b, late], 'a fresh client on instance 2 to load both edits from Redis', (s) => s === 'before;during;')
 })
