@@ -110,6 +110,8 @@ else
     # 50,000 sockets: four source addresses (one has ~28,000 ephemeral ports towards one port);
     # collab keeps at most 10,000 documents loaded by default.
     "+idle-50k|420|rooms --docs 12500 --per-doc 4 --settle 5 --edit-seconds 10 --source-ips 4 --connect-concurrency 128|--max-loaded-documents 20000"
+    # The same within a hard open-file limit of 20,000 (no CAP_SYS_RESOURCE to raise it).
+    "+idle-18k|240|rooms --docs 4500 --per-doc 4 --settle 5 --edit-seconds 10 --connect-concurrency 128"
   )
 fi
 
