@@ -2,7 +2,8 @@
 # Installs the reference server the benchmark compares against into bench/.ref (git-ignored):
 # @y/websocket-server 0.1.1 (the last release on yjs 13 that still reads YPERSISTENCE), with the
 # optional LevelDB persistence, and @hocuspocus/server 3.4.4 (the last line that runs on Node 20;
-# 4.x needs Node 22) into .ref/hocuspocus, run by bench/hocuspocus-server.cjs, and the Rust peer
+# 4.x needs Node 22) with @hocuspocus/extension-redis of the same version (the cluster benchmark,
+# bench/cluster.sh) into .ref/hocuspocus, run by bench/hocuspocus-server.cjs, and the Rust peer
 # y-sweet 0.9.1 from crates.io into .ref/y-sweet (a release build: a few minutes the first time).
 # Does nothing when that exact set is already installed.
 set -euo pipefail
@@ -13,6 +14,10 @@ if ! "$REF/y-sweet/bin/y-sweet" version 2>/dev/null | grep -q "$YSWEET_VERSION";
 fi
 mkdir -p "$REF/hocuspocus"
 # A package of its own: hocuspocus wants ws 8, the y-websocket reference pins ws 6.
+# ioredis is held at 5.8.0: with 5.11.1 (what ^5.6.1 resolved to in 2026-11) the extension's
+# subscriber connection gets "Connection in subscriber mode, only subscriber commands may be used"
+# and a second instance never hears the first one's updates (a ready check sending INFO after
+# SUBSCRIBE, reported against 5.8.2 as redis/ioredis#2037); 5.8.0 relays every update.
 cat > "$REF/hocuspocus/package.json.new" <<'JSON'
 {
   "name": "collab-bench-hocuspocus",
@@ -21,13 +26,18 @@ cat > "$REF/hocuspocus/package.json.new" <<'JSON'
   "dependencies": {
     "@hocuspocus/server": "3.4.4",
     "@hocuspocus/provider": "3.4.4",
+    "@hocuspocus/extension-redis": "3.4.4",
     "yjs": "13.6.33",
     "y-protocols": "1.0.7"
+  },
+  "overrides": {
+    "ioredis": "5.8.0"
   }
 }
 JSON
 if cmp -s "$REF/hocuspocus/package.json.new" "$REF/hocuspocus/package.json" \
-  && [ -f "$REF/hocuspocus/node_modules/@hocuspocus/server/package.json" ]; then
+  && [ -f "$REF/hocuspocus/node_modules/@hocuspocus/server/package.json" ] \
+  && [ -f "$REF/hocuspocus/node_modules/@hocuspocus/extension-redis/package.json" ]; then
   rm "$REF/hocuspocus/package.json.new"
 else
   mv "$REF/hocuspocus/package.json.new" "$REF/hocuspocus/package.json"

@@ -151,6 +151,8 @@ done
 done
 load_end="$(cut -d' ' -f1-3 /proc/loadavg)"
 
+# The Cluster section comes from bench/cluster.sh; the report below rewrites the file without it.
+cluster_section="$(sed -n '/^<!-- cluster section/,/^<!-- end of cluster section -->/p' "$RESULTS" 2>/dev/null)"
 rev="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
 dirty="$(cd "$ROOT" && git status --porcelain -- server crdt storage 2>/dev/null | head -1)"
 "$BIN" report --input "$OUT/results.jsonl" --out "$RESULTS" --base collab --ref ref \
@@ -160,6 +162,7 @@ dirty="$(cd "$ROOT" && git status --porcelain -- server crdt storage 2>/dev/null
   --note "Load generator: \`collab-bench\` (bench/), one process, on the same machine; readers only parse update headers." \
   --note "Load average (1/5/15 min) before the runs: $load_start; after: $load_end. Other work on the machine shows up as noise, mostly in latency tails." \
   || failed=$((failed + 1))
+[ -z "$cluster_section" ] || printf '\n%s\n' "$cluster_section" >> "$RESULTS"
 echo
 echo "wrote $RESULTS ($failed failed runs)"
 [ "$failed" -eq 0 ]

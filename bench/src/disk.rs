@@ -300,7 +300,7 @@ pub async fn churn(
     // The writer stays connected: an in-memory server keeps the document only while in use.
     let fetched = client::fetch_document(&url, &fr).await?;
     let local_text = text.get_string(&doc.transact());
-    let (remote_len, _) = crate::fanout::document_summary(&fetched)?;
+    let (remote_len, _) = crate::converge::document_summary(&fetched)?;
     let remote_text = {
         use yrs::updates::decoder::Decode;
         let d = Doc::new();

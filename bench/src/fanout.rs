@@ -16,8 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 use yrs::{Doc, Text, Transact};
 
 use crate::client::{self, SplitMix, Trouble};
+use crate::cluster::Cluster;
 use crate::proto::{self, Msg};
-use crate::server::{self, Server};
+use crate::server;
 use crate::stats::{round, summary_ms};
 
 #[derive(Args, Debug, Clone)]
@@ -222,15 +223,19 @@ async fn writer_loop(
     (sink, seq)
 }
 
+/// Against a cluster, reader r connects to instance r mod N and writer w to w mod N, so with one
+/// writer a reader on another instance sees an edit only through the shared backend.
 pub async fn run(
     a: &FanoutArgs,
-    server: &Server,
+    server: &Cluster,
 ) -> anyhow::Result<(Value, Vec<(String, String)>)> {
     if a.writers == 0 || a.writers > 1000 {
         bail!("--writers must be in 1..=1000");
     }
     let clk = server.clk_tck();
-    let url = server.url(&a.doc);
+    let instances = server.len();
+    let instance_of = |conn: usize| conn.checked_sub(a.readers).unwrap_or(conn) % instances;
+    let urls: Vec<String> = (0..instances).map(|k| server.url(k, &a.doc)).collect();
     let base = Instant::now();
     let rss_idle = server.rss_kb();
     let total = a.warmup + a.duration;
@@ -253,10 +258,10 @@ pub async fn run(
     let t_connect = Instant::now();
     let n = a.readers + a.writers;
     let conns = {
-        let url = url.clone();
+        let urls = urls.clone();
         let fr = shared.framing.clone();
-        client::bounded(n, a.connect_concurrency, move |_| {
-            let url = url.clone();
+        client::bounded(n, a.connect_concurrency, move |i| {
+            let url = urls[instance_of(i)].clone();
             let fr = fr.clone();
             async move { client::connect_synced(&url, &fr, None, Duration::from_secs(15)).await }
         })
@@ -273,12 +278,8 @@ pub async fn run(
         match c {
             Ok(s) => {
                 let own = is_writer.then(|| i - a.readers);
-                reader_tasks.push(tokio::spawn(reader_loop(
-                    s.stream,
-                    shared.clone(),
-                    own,
-                    stop_rx.clone(),
-                )));
+                let task = reader_loop(s.stream, shared.clone(), own, stop_rx.clone());
+                reader_tasks.push((instance_of(i), tokio::spawn(task)));
                 if is_writer {
                     writer_sinks.push((i - a.readers, s.sink));
                 } else {
@@ -322,10 +323,12 @@ pub async fn run(
     tokio::time::sleep_until(t_ws).await;
     let ws_us = shared.now_us();
     let cpu0 = server.cpu_seconds();
+    let redis0 = server.redis_cpu_seconds();
     let gen0 = server::self_cpu_seconds(clk);
     tokio::time::sleep_until(t_we).await;
     let we_us = shared.now_us();
     let cpu1 = server.cpu_seconds();
+    let redis1 = server.redis_cpu_seconds();
     let gen1 = server::self_cpu_seconds(clk);
     let rss_loaded = server.rss_kb();
     let mut sent_total = 0u64;
@@ -346,7 +349,8 @@ pub async fn run(
     }
     // While everybody is still connected: an in-memory server (hocuspocus) drops a document
     // once its last connection closes.
-    let convergence = check_convergence(&url, &shared.framing, &ids, &sent_per_writer).await;
+    let convergence =
+        crate::converge::check_all(&urls, &shared.framing, &ids, &sent_per_writer).await;
     // Close every connection cleanly; the read loops end on the server's close answer.
     shared.closing.store(true, Ordering::Relaxed);
     let mut sinks: Vec<client::Sink> = kept_writer_sinks.into_iter().chain(reader_sinks).collect();
@@ -357,12 +361,12 @@ pub async fn run(
     .await;
     let close_deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let mut outs = Vec::new();
-    for mut t in reader_tasks {
+    for (k, mut t) in reader_tasks {
         match tokio::time::timeout_at(close_deadline, &mut t).await {
-            Ok(r) => outs.push(r?),
+            Ok(r) => outs.push((k, r?)),
             Err(_) => {
                 let _ = stop_tx.send(true);
-                outs.push(t.await?);
+                outs.push((k, t.await?));
             }
         }
     }
@@ -392,16 +396,21 @@ pub async fn run(
     let sent_window: u64 = window.iter().map(|(lo, hi)| u64::from(hi - lo)).sum();
     let expected = sent_window * receivers;
     let mut lat = Vec::new();
+    // Readers on another instance than the writer's: what crossing the shared backend costs.
+    let mut lat_remote = Vec::new();
     let mut ack = Vec::new();
     let mut deliveries_in_window = 0u64;
     let mut duplicates = 0;
     let mut unknown = 0;
-    for o in &outs {
+    for (k, o) in &outs {
         duplicates += o.duplicates;
         unknown += o.unknown;
         for r in &o.receipts {
             if in_window(r) {
                 lat.push(f64::from(r.lat_us) / 1000.0);
+                if *k != r.writer as usize % instances {
+                    lat_remote.push(f64::from(r.lat_us) / 1000.0);
+                }
             }
             if u64::from(r.recv_us) >= ws_us && u64::from(r.recv_us) < we_us {
                 deliveries_in_window += 1;
@@ -417,11 +426,12 @@ pub async fn run(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let cpu_per = cpu_s
-        .filter(|_| deliveries_in_window > 0)
-        .map(|c| round(c * 1e6 / deliveries_in_window as f64, 3));
+    let redis_s = redis0.zip(redis1).map(|(a, b)| b - a);
+    let per_delivery = |c: f64| round(c * 1e6 / deliveries_in_window as f64, 3);
+    let cpu_per = cpu_s.filter(|_| deliveries_in_window > 0).map(per_delivery);
     let window_s = (we_us - ws_us) as f64 / 1e6;
     let lat_j = summary_ms(lat);
+    let remote_j = (instances > 1).then(|| summary_ms(lat_remote));
     let ack_j = summary_ms(ack);
     let j = json!({
         "scenario": "fanout",
@@ -446,13 +456,17 @@ pub async fn run(
         "cpu_s": cpu_s.map(|c| round(c, 3)),
         "cpu_us_per_delivery": cpu_per,
         "cpu_util": cpu_s.map(|c| round(c / window_s, 3)),
+        "instances": instances,
+        "lat_remote_ms": remote_j,
+        "redis_cpu_s": redis_s.map(|c| round(c, 3)),
+        "redis_cpu_us_per_delivery": redis_s.filter(|_| deliveries_in_window > 0).map(per_delivery),
         "gen_cpu_util": round((gen1 - gen0) / window_s, 3),
         "rss_kb": {"idle": rss_idle, "connected": rss_connected, "end_of_window": rss_loaded},
         "convergence": convergence,
         "trouble": shared.trouble.json(),
     });
     let f = |v: &Value| crate::stats::fmt_opt(v);
-    let rows = vec![
+    let mut rows = vec![
         (
             "connections".into(),
             format!(
@@ -497,7 +511,7 @@ pub async fn run(
             ),
         ),
         (
-            "convergence (fresh client)".into(),
+            "convergence (fresh client per instance)".into(),
             match j["convergence"]["converged"].as_bool() {
                 Some(true) => format!(
                     "yes: {} characters, every writer's clock matches",
@@ -526,58 +540,23 @@ pub async fn run(
             ),
         ),
     ];
+    if instances > 1 || redis_s.is_some() {
+        rows.push((
+            format!("{instances} instances: other-instance p50/p99"),
+            format!(
+                "{} / {} ms",
+                f(&j["lat_remote_ms"]["p50"]),
+                f(&j["lat_remote_ms"]["p99"])
+            ),
+        ));
+        rows.push((
+            "redis CPU".into(),
+            format!(
+                "{} s = {} µs per delivery",
+                f(&j["redis_cpu_s"]),
+                f(&j["redis_cpu_us_per_delivery"])
+            ),
+        ));
+    }
     Ok((j, rows))
-}
-
-/// Convergence: a fresh client fetches the whole document after the run; its text must hold
-/// every character sent and each writer's clock in it must equal that writer's edit count.
-async fn check_convergence(url: &str, fr: &proto::Framing, ids: &[u64], sent: &[u64]) -> Value {
-    // Bounded: a saturated server answers a new client only after its backlog, and the run's
-    // figures must survive that.
-    let doc = match tokio::time::timeout(Duration::from_secs(10), client::fetch_document(url, fr))
-        .await
-    {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => return json!({ "converged": null, "error": format!("{e:#}") }),
-        Err(_) => {
-            return json!({ "converged": null, "error": "no SyncStep2 within 10 s (server backlog)" })
-        }
-    };
-    let (text_len, clocks) = match document_summary(&doc) {
-        Ok(x) => x,
-        Err(e) => return json!({ "converged": null, "error": format!("{e:#}") }),
-    };
-    let matching = ids
-        .iter()
-        .zip(sent)
-        .filter(|(id, n)| clocks.get(id).copied().unwrap_or(0) == **n)
-        .count();
-    let expected: u64 = sent.iter().sum();
-    json!({
-        "converged": matching == ids.len() && text_len == expected,
-        "text_len": text_len,
-        "expected_len": expected,
-        "writers_matching": matching,
-        "doc_bytes": doc.len(),
-    })
-}
-
-/// Text length of "t" and the state vector of a v1 update holding a whole document.
-pub fn document_summary(update: &[u8]) -> anyhow::Result<(u64, HashMap<u64, u64>)> {
-    use yrs::updates::decoder::Decode;
-    use yrs::{GetString, ReadTxn};
-    let doc = Doc::new();
-    let text = doc.get_or_insert_text("t");
-    let u = yrs::Update::decode_v1(update).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
-    doc.transact_mut()
-        .apply_update(u)
-        .map_err(|e| anyhow::anyhow!("apply: {e}"))?;
-    let txn = doc.transact();
-    let len = text.get_string(&txn).chars().count() as u64;
-    let sv = txn
-        .state_vector()
-        .iter()
-        .map(|(c, k)| (c.get(), u64::from(*k)))
-        .collect();
-    Ok((len, sv))
 }

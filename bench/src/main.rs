@@ -4,6 +4,9 @@
 //! and a small human table; `report` turns the JSON lines of several servers into RESULTS.md.
 
 mod client;
+mod cluster;
+mod cluster_report;
+mod converge;
 mod disk;
 mod fanout;
 mod floor;
@@ -89,12 +92,16 @@ enum Cmd {
     Report(report::ReportArgs),
     /// Runs the floor server: relays each client frame as-is to the document's other sockets.
     Floor(floor::FloorArgs),
+    /// Writes (or replaces) the Cluster section of a Markdown report from fan-out runs.
+    ClusterReport(cluster_report::ClusterReportArgs),
 }
 
 #[derive(Args, Debug)]
 struct Common {
     #[command(flatten)]
     server: server::ServerArgs,
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
     /// Name of this measurement in the JSON line and the report (default: the scenario).
     #[arg(long)]
     name: Option<String>,
@@ -115,6 +122,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Report(r) => return report::run(r),
         Cmd::Floor(f) => return floor::run(f),
+        Cmd::ClusterReport(r) => return cluster_report::run(r),
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -133,27 +141,28 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cold { common, .. } => (common, "cold"),
         Cmd::Churn { common, .. } => (common, "churn"),
         Cmd::Memory { common, .. } => (common, "memory"),
-        Cmd::Report(_) | Cmd::Floor(_) => unreachable!(),
+        Cmd::Report(_) | Cmd::Floor(_) | Cmd::ClusterReport(_) => unreachable!(),
     };
     client::set_source_ips(common.source_ips);
     let t0 = Instant::now();
     let mut srv = {
-        let args = common.server.clone();
-        tokio::task::spawn_blocking(move || server::Server::start(&args)).await??
+        let (args, c) = (common.server.clone(), common.cluster.clone());
+        tokio::task::spawn_blocking(move || cluster::Cluster::start(&args, &c)).await??
     };
     let started_s = t0.elapsed().as_secs_f64();
-    let sampler = server::Sampler::start(srv.pid);
+    // The peak of the first instance only: fan-out reports the instances' summed RSS itself.
+    let sampler = server::Sampler::start(srv.instances[0].pid);
     let budget = Duration::from_secs_f64((common.max_seconds - started_s).max(1.0));
     let fut = async {
         match &cli.cmd {
             Cmd::Fanout { args, .. } => fanout::run(args, &srv).await,
-            Cmd::Rooms { args, .. } => rooms::run(args, &srv).await,
-            Cmd::Join { args, .. } => join::run(args, &srv).await,
-            Cmd::Presence { args, .. } => presence::run(args, &srv).await,
-            Cmd::Cold { args, .. } => disk::cold(args, &mut srv).await,
-            Cmd::Churn { args, .. } => disk::churn(args, &srv).await,
-            Cmd::Memory { args, .. } => memory::run(args, &srv).await,
-            Cmd::Report(_) | Cmd::Floor(_) => unreachable!(),
+            Cmd::Rooms { args, .. } => rooms::run(args, srv.single()?).await,
+            Cmd::Join { args, .. } => join::run(args, srv.single()?).await,
+            Cmd::Presence { args, .. } => presence::run(args, srv.single()?).await,
+            Cmd::Cold { args, .. } => disk::cold(args, srv.single()?).await,
+            Cmd::Churn { args, .. } => disk::churn(args, srv.single()?).await,
+            Cmd::Memory { args, .. } => memory::run(args, srv.single()?).await,
+            Cmd::Report(_) | Cmd::Floor(_) | Cmd::ClusterReport(_) => unreachable!(),
         }
     };
     let outcome = tokio::time::timeout(budget, fut).await;

@@ -274,7 +274,7 @@ fn spawn_listening(cmd: &str, log: &std::path::Path, port: u16) -> anyhow::Resul
 }
 
 /// SIGTERM (unless already exited), up to 10 s for the exit, then SIGKILL.
-fn terminate(mut child: Child) -> Option<std::process::ExitStatus> {
+pub fn terminate(mut child: Child) -> Option<std::process::ExitStatus> {
     if matches!(child.try_wait(), Ok(None)) {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

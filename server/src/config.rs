@@ -329,6 +329,12 @@ pub struct Config {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "COLLAB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// Cluster mode: Redis holds every document (`redis://[:PASSWORD@]HOST:PORT[/DB]`), so
+    /// several instances behind a load balancer serve the same documents. Redis should run with
+    /// `appendonly yes` and `appendfsync always` (a warning is logged otherwise).
+    #[arg(long, env = "COLLAB_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
 }
 
 /// Settings that cannot work together, or a secret that cannot be read. The binary exits with

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::auth::{Auth, Origins};
+use crate::cluster::Cluster;
 use crate::config::{Config, Secrets};
 use crate::doc::flusher::Flusher;
 use crate::doc::registry::Registry;
@@ -55,8 +56,22 @@ impl Core {
             Duration::from_millis(config.debug_flush_delay_ms),
             fatal.clone(),
         );
-        let webhooks = webhooks::Webhooks::start(config.webhooks(), store.clone())?;
-        let registry = Registry::new(store.clone(), flusher, config.clone(), webhooks);
+        let cluster = match &config.redis_url {
+            Some(url) => Some(Cluster::connect(
+                url,
+                Duration::from_millis(config.debug_flush_delay_ms),
+            )?),
+            None => None,
+        };
+        let webhooks =
+            webhooks::Webhooks::start(config.webhooks(), store.clone(), cluster.clone())?;
+        let registry = Registry::new(
+            store.clone(),
+            flusher,
+            config.clone(),
+            webhooks,
+            cluster.clone(),
+        );
         let auth = Arc::new(Auth::new(
             secrets.auth.as_ref(),
             config.allow_anonymous_read,

@@ -37,6 +37,8 @@ pub struct Counters {
     pub close_write_timeouts: IntCounter,
     /// Storage flushes that failed (each retry counts).
     pub storage_flush_failures: IntCounter,
+    /// Upgrades refused (503) because Redis did not answer (cluster mode).
+    pub refused_redis_down: IntCounter,
 }
 
 pub static COUNTERS: LazyLock<Counters> = LazyLock::new(|| {
@@ -56,6 +58,7 @@ pub static COUNTERS: LazyLock<Counters> = LazyLock::new(|| {
         loaded_documents_full: event("loaded_documents_full"),
         close_write_timeouts: event("close_write_timeouts"),
         storage_flush_failures: event("storage_flush_failures"),
+        refused_redis_down: event("refused_redis_down"),
     }
 });
 

@@ -1,6 +1,7 @@
 //! The collab server: HTTP + WebSocket front, one actor per open document, sled persistence.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod config_file;
 pub mod core;
@@ -56,6 +57,8 @@ pub enum ServerError {
     StorageFailed(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then closes every socket with 1001, flushes storage
@@ -80,6 +83,7 @@ pub async fn serve(
             shutting_down: shutting_down.clone(),
             fatal: core.fatal.subscribe(),
             store: core.store.clone(),
+            cluster: core.registry.cluster().cloned(),
         },
         metrics_here: config.metrics_addr.is_none(),
     });

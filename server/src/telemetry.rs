@@ -104,6 +104,11 @@ pub struct Metrics {
     pub first_sync_bytes: Histogram,
     pub resident_memory_bytes: IntGauge,
     pub limit_events: IntCounterVec,
+    pub redis_up: IntGauge,
+    pub redis_append_seconds: Histogram,
+    pub redis_read_lag_seconds: Histogram,
+    pub redis_reloads: IntCounter,
+    pub redis_trims: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -189,6 +194,33 @@ impl Metrics {
             "type",
         );
         Metrics {
+            redis_up: gauge(
+                &r,
+                "collab_redis_up",
+                "Cluster mode: 1 while Redis answers, 0 while it does not (updates are refused).",
+            ),
+            redis_append_seconds: histogram(
+                &r,
+                "collab_redis_append_seconds",
+                "Cluster mode: time of one group-commit pipeline of stream appends (XADD) until Redis acknowledged it.",
+                seconds_buckets(),
+            ),
+            redis_read_lag_seconds: histogram(
+                &r,
+                "collab_redis_read_lag_seconds",
+                "Cluster mode: age of another instance's update when this instance read it from the stream.",
+                seconds_buckets(),
+            ),
+            redis_reloads: counter(
+                &r,
+                "collab_redis_reloads_total",
+                "Cluster mode: documents reloaded from the snapshot because their stream was trimmed past this instance's read position.",
+            ),
+            redis_trims: counter(
+                &r,
+                "collab_redis_trims_total",
+                "Cluster mode: compactions by this instance that wrote a snapshot and trimmed the stream.",
+            ),
             connections: gauge(&r, "collab_connections", "Open WebSocket connections."),
             connections_opened: counter(
                 &r,

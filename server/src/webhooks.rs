@@ -71,7 +71,12 @@ impl Webhooks {
     }
 
     /// Starts the dispatcher thread.
-    pub fn start(config: WebhookConfig, store: Arc<dyn Store>) -> std::io::Result<Self> {
+    /// `cluster`: sizes come from Redis in cluster mode.
+    pub fn start(
+        config: WebhookConfig,
+        store: Arc<dyn Store>,
+        cluster: Option<crate::cluster::Cluster>,
+    ) -> std::io::Result<Self> {
         if config.urls.is_empty() {
             return Ok(Self::disabled());
         }
@@ -91,7 +96,7 @@ impl Webhooks {
             .spawn(move || {
                 // awc's client is single-threaded; a runtime of its own keeps deliveries off
                 // the server's workers and its flusher.
-                actix_rt::System::new().block_on(dispatch(config, store, rx, c));
+                actix_rt::System::new().block_on(dispatch(config, store, cluster, rx, c));
             })?;
         Ok(Webhooks {
             tx: Some(tx),
@@ -160,6 +165,7 @@ impl Unreported {
 async fn dispatch(
     config: WebhookConfig,
     store: Arc<dyn Store>,
+    cluster: Option<crate::cluster::Cluster>,
     mut rx: mpsc::Receiver<Notice>,
     counters: Arc<Counters>,
 ) {
@@ -208,7 +214,7 @@ async fn dispatch(
             }
         }
         for (doc, event) in events {
-            let body = event_body(&store, &doc, event).await;
+            let body = event_body(&store, cluster.as_ref(), &doc, event).await;
             let signature = secret
                 .as_ref()
                 .map(|s| signature(s.expose().as_bytes(), &body));
@@ -238,20 +244,30 @@ async fn dispatch(
     }
 }
 
-async fn event_body(store: &Arc<dyn Store>, doc: &Arc<str>, event: &str) -> Bytes {
+async fn event_body(
+    store: &Arc<dyn Store>,
+    cluster: Option<&crate::cluster::Cluster>,
+    doc: &Arc<str>,
+    event: &str,
+) -> Bytes {
     let mut body = serde_json::json!({
         "event": event,
         "doc": &**doc,
         "time": rfc3339(SystemTime::now()),
     });
     if event == "document.updated" {
-        let (store, name) = (store.clone(), doc.clone());
-        let size = tokio::task::spawn_blocking(move || store.stats(&name))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .flatten()
-            .map_or(0, |s| s.size_bytes);
+        let stats = match cluster {
+            Some(c) => c.stats(doc).await.ok().flatten(),
+            None => {
+                let (store, name) = (store.clone(), doc.clone());
+                tokio::task::spawn_blocking(move || store.stats(&name))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten()
+            }
+        };
+        let size = stats.map_or(0, |s| s.size_bytes);
         body["size"] = size.into();
     }
     Bytes::from(body.to_string())

@@ -14,6 +14,7 @@ use tracing::warn;
 use super::actor::DocActor;
 use super::flusher::Flusher;
 use super::messages::Evict;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::counters::count;
 use crate::webhooks::Webhooks;
@@ -51,6 +52,8 @@ struct Inner {
     flusher: Flusher,
     config: Arc<Config>,
     webhooks: Webhooks,
+    /// Cluster mode: document content lives in Redis, not in `store`.
+    cluster: Option<Cluster>,
 }
 
 impl Registry {
@@ -59,6 +62,7 @@ impl Registry {
         flusher: Flusher,
         config: Arc<Config>,
         webhooks: Webhooks,
+        cluster: Option<Cluster>,
     ) -> Self {
         Registry {
             inner: Arc::new(Inner {
@@ -67,6 +71,7 @@ impl Registry {
                 flusher,
                 config,
                 webhooks,
+                cluster,
             }),
         }
     }
@@ -151,6 +156,10 @@ impl Registry {
 
     pub fn flusher(&self) -> Flusher {
         self.inner.flusher.clone()
+    }
+
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_ref()
     }
 
     pub fn webhooks(&self) -> &Webhooks {

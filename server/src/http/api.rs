@@ -42,6 +42,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Internal(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ResponseError for ApiError {
@@ -64,7 +66,12 @@ impl ResponseError for ApiError {
             ApiError::Doc(DocError::Closing | DocError::Unavailable(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Store(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Cluster(crate::cluster::ClusterError::Unavailable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Store(_) | ApiError::Internal(_) | ApiError::Cluster(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -204,15 +211,6 @@ pub async fn read_body(
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
-}
-
-/// Whether the document has anything stored (an open document nobody wrote to has not).
-pub async fn exists(state: &HttpState, name: &str) -> Result<bool, ApiError> {
-    let store = state.docs.store();
-    let name = name.to_owned();
-    // Not `meta`: a document is stored from its first append, its metadata only from its first
-    // compaction.
-    Ok(blocking(move || store.stats(&name)).await??.is_some())
 }
 
 /// Runs blocking storage work off the async workers.

@@ -1,7 +1,7 @@
 //! `POST /api/backup` (admin key): writes a backup of every document into a folder on the
 //! server, in the format of `collab backup`, while editing goes on. Each document is consistent
 //! on its own: a loaded one is its actor's state (answered once durable), an unloaded one is
-//! rebuilt from storage.
+//! rebuilt from storage (Redis in cluster mode, so one instance backs up the whole cluster).
 
 use std::path::PathBuf;
 
@@ -46,7 +46,12 @@ fn internal(e: impl std::fmt::Display) -> HttpResponse {
     )
 }
 
-/// One document's state: through its actor when loaded, else from storage. `None`: the
+fn internal_tool(e: impl std::fmt::Display) -> ToolError {
+    ToolError::Internal(e.to_string())
+}
+
+/// One document's state: through its actor when loaded, else from storage (Redis in cluster
+/// mode). `None`: the
 /// document is gone (deleted since the listing).
 async fn state_of(state: &HttpState, name: &str) -> Result<Option<Vec<u8>>, ToolError> {
     for attempt in 0..10u64 {
@@ -65,6 +70,21 @@ async fn state_of(state: &HttpState, name: &str) -> Result<Option<Vec<u8>>, Tool
                     })
                 }
             }
+        }
+        if let Some(cluster) = state.docs.cluster() {
+            if !cluster.exists(name).await.map_err(internal_tool)? {
+                return Ok(None);
+            }
+            let stored = cluster.load(name).await.map_err(internal_tool)?;
+            let doc = collab_crdt::Document::load(
+                stored.snapshot.as_deref(),
+                stored.updates.iter().map(|(_, u)| u.as_slice()),
+            )
+            .map_err(|e| ToolError::Damaged {
+                name: name.to_owned(),
+                why: e.to_string(),
+            })?;
+            return Ok(Some(doc.encode_state()));
         }
         let store = state.docs.store();
         let owned = name.to_owned();
@@ -106,10 +126,8 @@ pub async fn backup(
         Ok(Err(e)) => return refusal(&e),
         Err(e) => return internal(e),
     }
-    let store = state.docs.store();
-    let names = match blocking(move || store.list()).await {
-        Ok(Ok(names)) => names,
-        Ok(Err(e)) => return internal(e),
+    let names = match super::catalog::names(&state).await {
+        Ok(names) => names,
         Err(e) => return internal(e),
     };
     let started = std::time::Instant::now();

@@ -12,9 +12,10 @@ use tracing::info;
 use yrs::updates::decoder::Decode;
 
 use super::api::{
-    ask, authorize, authorize_admin, blocking, doc_name, exists, json_ok, read_body, rfc3339_ms,
-    traced, ApiError, ApiResult, Intent,
+    ask, authorize, authorize_admin, blocking, doc_name, json_ok, read_body, rfc3339_ms, traced,
+    ApiError, ApiResult, Intent,
 };
+use super::catalog::{self, exists};
 use super::HttpState;
 use crate::doc::messages::{ApplyUpdate, DeleteDoc, ReadState};
 
@@ -53,40 +54,35 @@ pub async fn list(state: web::Data<HttpState>, req: HttpRequest) -> ApiResult {
                 .ok_or_else(|| ApiError::BadRequest("cursor is not one this server gave".into()))?,
         ),
     };
-    let store = state.docs.store();
-    let (docs, next) = blocking(move || -> Result<_, ApiError> {
-        let mut names: Vec<String> = store
-            .list()?
-            .into_iter()
-            .filter(|n| n.starts_with(&query.prefix))
-            .filter(|n| after.as_ref().is_none_or(|a| n > a))
-            .collect();
-        names.sort();
-        let more = names.len() > limit;
-        names.truncate(limit);
-        let mut docs = Vec::with_capacity(names.len());
-        for name in &names {
-            // A document deleted since the listing began is skipped, not an error.
-            if let Some(s) = store.stats(name)? {
-                docs.push(json!({
-                    "name": name,
-                    "size": s.size_bytes,
-                    "updates": s.updates,
-                    "versions": s.versions,
-                    "last_modified": rfc3339_ms(s.last_modified_ms),
-                }));
-            }
+    let mut names: Vec<String> = catalog::names(&state)
+        .await?
+        .into_iter()
+        .filter(|n| n.starts_with(&query.prefix))
+        .filter(|n| after.as_ref().is_none_or(|a| n > a))
+        .collect();
+    names.sort();
+    let more = names.len() > limit;
+    names.truncate(limit);
+    let mut docs = Vec::with_capacity(names.len());
+    for name in &names {
+        // A document deleted since the listing began is skipped, not an error.
+        if let Some(s) = catalog::stats(&state, name).await? {
+            docs.push(json!({
+                "name": name,
+                "size": s.size_bytes,
+                "updates": s.updates,
+                "versions": s.versions,
+                "last_modified": rfc3339_ms(s.last_modified_ms),
+            }));
         }
-        let next = more
-            .then(|| {
-                names
-                    .last()
-                    .map(|n| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n))
-            })
-            .flatten();
-        Ok((docs, next))
-    })
-    .await??;
+    }
+    let next = more
+        .then(|| {
+            names
+                .last()
+                .map(|n| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n))
+        })
+        .flatten();
     Ok(json_ok(json!({ "docs": docs, "next_cursor": next })))
 }
 

@@ -3,6 +3,7 @@
 
 mod api;
 mod backup;
+mod catalog;
 mod demo;
 mod docs;
 pub mod ops;

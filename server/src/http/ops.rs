@@ -27,6 +27,8 @@ pub struct Readiness {
     /// Set when storage failed for good (the server is stopping).
     pub fatal: watch::Receiver<Option<String>>,
     pub store: Arc<dyn Store>,
+    /// Cluster mode: Redis must answer too.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 pub async fn healthz() -> HttpResponse {
@@ -39,7 +41,8 @@ fn unavailable(reason: &str) -> HttpResponse {
         .body(reason.to_owned())
 }
 
-/// 200 only while the server takes new work: not shutting down, and storage answers a flush.
+/// 200 only while the server takes new work: not shutting down, storage answers a flush, and
+/// in cluster mode Redis answers.
 pub async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     let ready = &state.readiness;
     if ready.shutting_down.load(Ordering::SeqCst) {
@@ -47,6 +50,17 @@ pub async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     }
     if let Some(why) = ready.fatal.borrow().clone() {
         return unavailable(&format!("storage failed: {why}"));
+    }
+    if let Some(cluster) = &ready.cluster {
+        if !cluster.is_up() {
+            return unavailable(&format!("Redis is unavailable: {}", cluster.down_reason()));
+        }
+        if let Err(e) = tokio::time::timeout(PROBE_TIMEOUT, cluster.ping())
+            .await
+            .unwrap_or_else(|_| Err(crate::cluster::ClusterError::Unavailable("timeout".into())))
+        {
+            return unavailable(&format!("Redis is unavailable: {e}"));
+        }
     }
     let store = ready.store.clone();
     let probe = tokio::task::spawn_blocking(move || store.flush());

@@ -1,7 +1,7 @@
 //! `/api/docs/{name}/versions`: named versions of a document, and restoring one.
 //!
-//! A version is the document's whole state (a Yjs v1 update) at that moment, stored in sled
-//! beside the document. The live document runs with garbage collection on, so a Yjs snapshot
+//! A version is the document's whole state (a Yjs v1 update) at that moment, stored beside the
+//! document (in sled, or in Redis in cluster mode). The live document runs with garbage collection on, so a Yjs snapshot
 //! (state vector + delete set) could not bring back content deleted before it was taken; a
 //! whole state needs nothing else to be read, is served as is, survives compaction untouched,
 //! and costs one document's size per version.
@@ -14,9 +14,10 @@ use serde_json::{json, Value};
 use tracing::info;
 
 use super::api::{
-    ask, authorize, blocking, doc_name, exists, json_ok, read_body, rfc3339_ms, traced, ApiError,
+    ask, authorize, blocking, doc_name, json_ok, read_body, rfc3339_ms, traced, ApiError,
     ApiResult, Intent,
 };
+use super::catalog::{self, exists};
 use super::HttpState;
 use crate::doc::messages::{ApplyUpdate, ReadState};
 
@@ -75,15 +76,7 @@ pub async fn create(
         }
         // Answered once durable, so a version never holds content that a crash could lose.
         let update = ask(&state, &name, || ReadState { sv: None }).await?;
-        let store = state.docs.store();
-        let (doc, label) = (name.clone(), request.label);
-        let version = blocking(move || store.put_version(&doc, &label, &update)).await??;
-        state
-            .docs
-            .flusher()
-            .flush()
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let version = catalog::put_version(&state, &name, &request.label, update).await?;
         info!(id = version.id, size = version.size, "version stored");
         Ok(HttpResponse::Created().json(describe(&version)))
     })
@@ -98,9 +91,7 @@ pub async fn list(state: web::Data<HttpState>, req: HttpRequest) -> ApiResult {
         if !exists(&state, &name).await? {
             return Err(ApiError::NotFound);
         }
-        let store = state.docs.store();
-        let doc = name.clone();
-        let versions = blocking(move || store.versions(&doc)).await??;
+        let versions = catalog::versions(&state, &name).await?;
         let versions: Vec<Value> = versions.iter().map(describe).collect();
         Ok(json_ok(json!({ "versions": versions })))
     })
@@ -112,10 +103,8 @@ async fn load_version(
     name: &str,
     id: u64,
 ) -> Result<(VersionMeta, Vec<u8>), ApiError> {
-    let store = state.docs.store();
-    let doc = name.to_owned();
-    blocking(move || store.version(&doc, id))
-        .await??
+    catalog::version(state, name, id)
+        .await?
         .ok_or(ApiError::VersionNotFound)
 }
 

@@ -120,6 +120,15 @@ pub fn admit(up: &Upgrades, c: Candidate<'_>) -> Result<Admitted, Refusal> {
             Refusal::new(status, e.to_string())
         })?;
     within_cap(up)?;
+    if let Some(cluster) = up.registry.cluster() {
+        if !cluster.is_up() {
+            count(|c| &c.refused_redis_down);
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Redis is unavailable, retry later",
+            ));
+        }
+    }
     let config = up.registry.config();
     let ip = client_ip(c.peer, c.forwarded_for, &config.trusted_proxies);
     let slot = up

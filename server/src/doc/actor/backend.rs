@@ -78,8 +78,15 @@ impl DocActor {
         let store = self.store();
         let flusher = self.registry.flusher();
         let name = self.name.clone();
+        let cluster = self.registry.cluster().cloned();
         ctx.spawn(
             async move {
+                if let Some(cluster) = cluster {
+                    return cluster
+                        .put_version(&name, AUTO_VERSION_LABEL, state)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
                 let put = tokio::task::spawn_blocking(move || {
                     store.put_version(&name, AUTO_VERSION_LABEL, &state)
                 })
@@ -116,8 +123,15 @@ impl DocActor {
         let store = self.store();
         let flusher = self.registry.flusher();
         let name = self.name.clone();
+        let cluster = self.registry.cluster().cloned().zip(self.origin.clone());
         ctx.wait(
             async move {
+                if let Some((cluster, origin)) = cluster {
+                    return cluster
+                        .delete(&name, &origin)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
                 let deleted = tokio::task::spawn_blocking(move || store.delete(&name))
                     .await
                     .map_err(|e| e.to_string())?
@@ -137,6 +151,8 @@ impl DocActor {
                         act.full_state = None;
                         act.awareness_dirty.clear();
                         act.auto_version_armed = false;
+                        act.announced = false;
+                        act.backlog.clear();
                         act.deleting = false;
                         info!(doc = %act.name, existed, "document deleted");
                         act.registry.webhooks().deleted(&act.name);

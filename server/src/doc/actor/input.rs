@@ -116,8 +116,9 @@ impl DocActor {
                             c.awareness.remove(id);
                         }
                     }
-                    let ids = change.announced.into_iter().chain(change.removed);
-                    self.awareness_changed(ids.collect(), ctx);
+                    let ids: Vec<_> = change.announced.into_iter().chain(change.removed).collect();
+                    self.publish_awareness(&ids);
+                    self.awareness_changed(ids, ctx);
                 }
             }
             ClientMessage::QueryAwareness => {
@@ -167,14 +168,20 @@ impl DocActor {
             Ok(Some(diff)) => {
                 self.full_state = None;
                 let seq = self.next_seq;
-                if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
-                    METRICS.storage_errors.inc();
-                    self.fail(format!("append failed: {e}"), ctx);
-                    return Err(ApplyFailure::Storage);
+                if let (Some(cluster), Some(origin)) = (self.registry.cluster(), &self.origin) {
+                    // Counted for compaction when read back from the stream, with its id.
+                    cluster.append(&self.name, origin, diff.clone(), !self.announced);
+                    self.announced = true;
+                } else {
+                    if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
+                        METRICS.storage_errors.inc();
+                        self.fail(format!("append failed: {e}"), ctx);
+                        return Err(ApplyFailure::Storage);
+                    }
+                    self.log_count += 1;
+                    self.log_bytes += diff.len() as u64;
                 }
                 self.next_seq += 1;
-                self.log_count += 1;
-                self.log_bytes += diff.len() as u64;
                 self.encoded_estimate += diff.len() as u64;
                 METRICS.updates_applied.inc();
                 self.pending.push(Pending::Update(diff, received));

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use collab_crdt::{ClientID, Document, DocumentError};
-use collab_storage::{CompactionPolicy, Store, StoreError};
+use collab_crdt::{ClientID, Document};
+use collab_storage::{CompactionPolicy, Store};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info, info_span, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 // Awareness relaying, batched per window.
@@ -24,11 +24,18 @@ mod awareness;
 mod backend;
 // A connection's frames: sync, updates, awareness.
 mod input;
+// Cluster mode: what other instances appended, trims, awareness from Redis.
+mod remote;
+// Loading a document from the local store or from Redis.
+mod load;
+
+use load::{load, load_doc, LoadError};
 
 use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
 use super::registry::Registry;
+use crate::cluster::{Backlog, StreamPos};
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
 
@@ -63,40 +70,6 @@ enum Pending {
 enum ApplyFailure {
     Storage,
     Rejected(String),
-}
-
-/// What loading produced: the document and where its log stands.
-struct Loaded {
-    document: Document,
-    next_seq: u64,
-    log_count: u64,
-    log_bytes: u64,
-    snapshot_bytes: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum LoadError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Document(#[from] DocumentError),
-    #[error("load task failed: {0}")]
-    Task(String),
-}
-
-fn load(store: &dyn Store, name: &str) -> Result<Loaded, LoadError> {
-    let stored = store.load(name)?;
-    let document = Document::load(
-        stored.snapshot.as_deref(),
-        stored.log.iter().map(|(_, u)| u.as_slice()),
-    )?;
-    Ok(Loaded {
-        document,
-        next_seq: stored.next_seq(),
-        log_count: stored.log.len() as u64,
-        log_bytes: stored.log_bytes(),
-        snapshot_bytes: stored.snapshot_bytes(),
-    })
 }
 
 pub struct DocActor {
@@ -136,6 +109,15 @@ pub struct DocActor {
     auto_version_armed: bool,
     /// A version is being written.
     versioning: bool,
+    /// Cluster mode: this actor's appends are tagged with it, so the stream reader skips them.
+    origin: Option<Arc<str>>,
+    /// Cluster mode: every stream entry up to here is in `document`.
+    stream_pos: StreamPos,
+    /// Cluster mode: the stream entries no snapshot covers yet (`log_count` and `log_bytes`
+    /// follow it).
+    backlog: Backlog,
+    /// Cluster mode: the document's name was added to the set of documents since loading.
+    announced: bool,
 }
 
 impl DocActor {
@@ -165,6 +147,10 @@ impl DocActor {
             delete_reply: None,
             auto_version_armed: false,
             versioning: false,
+            origin: None,
+            stream_pos: StreamPos::ZERO,
+            backlog: Backlog::default(),
+            announced: false,
         }
     }
 
@@ -223,7 +209,10 @@ impl DocActor {
         }
         if let Some(doc) = self.document.as_mut() {
             let ids: Vec<ClientID> = c.awareness.into_iter().collect();
-            if doc.remove_awareness(&ids).is_some() {
+            if let Some(removal) = doc.remove_awareness(&ids) {
+                if let Some(cluster) = self.registry.cluster() {
+                    cluster.publish_awareness(&self.name, &removal);
+                }
                 self.awareness_changed(ids, ctx);
             }
         }
@@ -267,8 +256,14 @@ impl DocActor {
     /// connection load it again from durable storage.
     fn fail(&mut self, reason: String, ctx: &mut Context<Self>) {
         error!(doc = %self.name, %reason, "document failed, closing its connections");
+        // In cluster mode the cause is Redis (or a rebuild from it): 1013, try again later.
+        let code = if self.registry.cluster().is_some() {
+            CloseCode::Again
+        } else {
+            CloseCode::Error
+        };
         for (_, c) in self.conns.drain() {
-            c.kick.kick(CloseCode::Error, "document unavailable, retry");
+            c.kick.kick(code, "document unavailable, retry");
         }
         self.failed = Some(reason);
         self.closing = true;
@@ -281,15 +276,24 @@ impl DocActor {
             return;
         }
         self.flushing = Some(self.pending.len());
+        if let Some(cluster) = self.registry.cluster().cloned() {
+            let name = self.name.clone();
+            ctx.spawn(
+                async move { cluster.flush(&name).await.map_err(|e| e.to_string()) }
+                    .into_actor(self)
+                    .map(|result, act, ctx| act.flushed(result, ctx)),
+            );
+            return;
+        }
         let flusher = self.registry.flusher();
         ctx.spawn(
-            async move { flusher.flush().await }
+            async move { flusher.flush().await.map_err(|e| e.to_string()) }
                 .into_actor(self)
                 .map(|result, act, ctx| act.flushed(result, ctx)),
         );
     }
 
-    fn flushed(&mut self, result: Result<(), super::flusher::FlushError>, ctx: &mut Context<Self>) {
+    fn flushed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
         let covered = self.flushing.take().unwrap_or(0);
         if let Err(e) = result {
             self.fail(format!("storage flush failed: {e}"), ctx);
@@ -369,6 +373,10 @@ impl DocActor {
         if self.compacting || self.log_count == 0 {
             return;
         }
+        if self.registry.cluster().is_some() {
+            self.compact_in_cluster(ctx);
+            return;
+        }
         let Some(doc) = self.document.as_ref() else {
             return;
         };
@@ -415,6 +423,12 @@ impl DocActor {
     /// Replaces a document that may be inconsistent with what durable storage (which includes
     /// every accepted update) says, keeping connections and awareness.
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        if self.registry.cluster().is_some() {
+            // Updates of this actor may still be on their way to the stream, so a fresh load
+            // could miss them; a new actor, whose reader does not skip them, is loaded instead.
+            self.fail("rebuilding from Redis after a rejected update".into(), ctx);
+            return;
+        }
         let store = self.store();
         let name = self.name.clone();
         ctx.wait(
@@ -442,7 +456,10 @@ impl DocActor {
 impl Actor for DocActor {
     type Context = Context<Self>;
 
-    fn stopped(&mut self, _: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        if let (Some(cluster), Some(_)) = (self.registry.cluster(), &self.origin) {
+            cluster.unregister(&self.name, &ctx.address().recipient());
+        }
         if self.counted_loaded {
             METRICS.documents_loaded.dec();
             METRICS.document_unloads.inc();
@@ -450,21 +467,14 @@ impl Actor for DocActor {
     }
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let store = self.store();
+        let registry = self.registry.clone();
         let name = self.name.clone();
-        let span = info_span!("load", doc = %self.name);
         // `wait` holds back every message (joins included) until the document is loaded, so no
         // client is ever answered from a document that is still empty.
         ctx.wait(
             async move {
                 let started = std::time::Instant::now();
-                let r = tokio::task::spawn_blocking(move || {
-                    let _g = span.enter();
-                    load(store.as_ref(), &name)
-                })
-                .await
-                .map_err(|e| LoadError::Task(e.to_string()))
-                .and_then(|r| r);
+                let r = load_doc(&registry, name).await;
                 (r, started.elapsed())
             }
             .into_actor(self)
@@ -482,6 +492,8 @@ impl Actor for DocActor {
                     // Snapshot plus log: an upper bound of the encoded size.
                     act.encoded_estimate = loaded.snapshot_bytes + loaded.log_bytes;
                     act.snapshot_bytes = loaded.snapshot_bytes;
+                    act.backlog = loaded.backlog;
+                    act.follow_stream(loaded.position, ctx);
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }
