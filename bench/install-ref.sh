@@ -3,10 +3,15 @@
 # @y/websocket-server 0.1.1 (the last release on yjs 13 that still reads YPERSISTENCE), with the
 # optional LevelDB persistence, and @hocuspocus/server 3.4.4 (the last line that runs on Node 20;
 # 4.x needs Node 22) with @hocuspocus/extension-redis of the same version (the cluster benchmark,
-# bench/cluster.sh) into .ref/hocuspocus, run by bench/hocuspocus-server.cjs. Does nothing when
-# that exact set is already installed.
+# bench/cluster.sh) into .ref/hocuspocus, run by bench/hocuspocus-server.cjs, and the Rust peer
+# y-sweet 0.9.1 from crates.io into .ref/y-sweet (a release build: a few minutes the first time).
+# Does nothing when that exact set is already installed.
 set -euo pipefail
 REF="$(cd "$(dirname "$0")" && pwd)/.ref"
+YSWEET_VERSION=0.9.1
+if ! "$REF/y-sweet/bin/y-sweet" version 2>/dev/null | grep -q "$YSWEET_VERSION"; then
+  cargo install y-sweet --version "$YSWEET_VERSION" --locked --root "$REF/y-sweet" -j 2
+fi
 mkdir -p "$REF/hocuspocus"
 # A package of its own: hocuspocus wants ws 8, the y-websocket reference pins ws 6.
 # ioredis is held at 5.8.0: with 5.11.1 (what ^5.6.1 resolved to in 2026-11) the extension's

@@ -1,13 +1,16 @@
 //! A light y-websocket client: connect, handshake like WebsocketProvider, then read raw frames.
 
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -85,7 +88,10 @@ pub async fn connect_synced_opts(
         .max_message_size(Some(1 << 30))
         .max_frame_size(Some(1 << 30));
     let fut = async {
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        if fr.protocol == proto::Protocol::YSweet {
+            ysweet_create(url, &fr.doc).await?;
+        }
+        let ws = open(url, config)
             .await
             .with_context(|| format!("connect {url}"))?;
         let (mut sink, mut stream) = ws.split();
@@ -133,6 +139,85 @@ pub async fn connect_synced_opts(
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| anyhow!("no SyncStep2 within {timeout:?} from {url}"))?
+}
+
+/// Source addresses for client sockets: loopback has about 28,000 ephemeral ports per (source
+/// address, destination), so tens of thousands of connections to one server port need several
+/// source addresses. Empty (the default): the kernel picks, as for any client.
+static SOURCE_IPS: OnceLock<Vec<Ipv4Addr>> = OnceLock::new();
+static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(0);
+
+/// Spreads later connections over 127.0.0.1 … 127.0.0.n (n ≤ 1: no binding).
+pub fn set_source_ips(n: u8) {
+    let ips = if n > 1 {
+        (1..=n).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()
+    } else {
+        Vec::new()
+    };
+    let _ = SOURCE_IPS.set(ips);
+}
+
+async fn open(url: &str, config: WebSocketConfig) -> anyhow::Result<Ws> {
+    let ips = SOURCE_IPS.get().map(Vec::as_slice).unwrap_or_default();
+    if ips.is_empty() {
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+        return Ok(ws);
+    }
+    let src = ips[NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % ips.len()];
+    let dst: SocketAddr = host_port(url)?.parse().context("server address")?;
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src.into(), 0))
+        .with_context(|| format!("bind {src}"))?;
+    let tcp = sock.connect(dst).await?;
+    tcp.set_nodelay(true)?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(tcp), Some(config))
+            .await?;
+    Ok(ws)
+}
+
+/// `host:port` of a `ws://host:port/path` URL.
+fn host_port(url: &str) -> anyhow::Result<&str> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| anyhow!("not a ws:// URL: {url}"))?;
+    Ok(rest.split('/').next().unwrap_or(rest))
+}
+
+/// y-sweet serves a document once it exists: `POST /doc/new` once per server and document, as
+/// an application backend would. Connections to the same document wait for the first one's
+/// request: y-sweet answers 500 to concurrent creations of one document.
+async fn ysweet_create(url: &str, doc: &str) -> anyhow::Result<()> {
+    type Created = Arc<tokio::sync::Mutex<bool>>;
+    static DOCS: OnceLock<Mutex<HashMap<String, Created>>> = OnceLock::new();
+    let hp = host_port(url)?;
+    let slot = DOCS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(format!("{hp}/{doc}"))
+        .or_default()
+        .clone();
+    let mut created = slot.lock().await;
+    if *created {
+        return Ok(());
+    }
+    let body = serde_json::json!({ "docId": doc }).to_string();
+    let req = format!(
+        "POST /doc/new HTTP/1.1\r\nHost: {hp}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut tcp = TcpStream::connect(hp).await.context("POST /doc/new")?;
+    tcp.write_all(req.as_bytes()).await?;
+    let mut resp = Vec::new();
+    tcp.read_to_end(&mut resp).await?;
+    let head = String::from_utf8_lossy(&resp[..resp.len().min(200)]).to_string();
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("POST /doc/new {doc}: {}", head.lines().next().unwrap_or(""));
+    }
+    *created = true;
+    Ok(())
 }
 
 /// The whole document as a fresh client receives it (the SyncStep2 payload).

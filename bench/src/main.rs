@@ -9,7 +9,9 @@ mod cluster_report;
 mod converge;
 mod disk;
 mod fanout;
+mod floor;
 mod join;
+mod memory;
 mod presence;
 mod proto;
 mod report;
@@ -79,8 +81,17 @@ enum Cmd {
         #[command(flatten)]
         args: disk::ChurnArgs,
     },
+    /// Idle sockets, then a large document, opened and closed: does RSS come back?
+    Memory {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: memory::MemoryArgs,
+    },
     /// Writes a Markdown report from the JSON lines of earlier runs.
     Report(report::ReportArgs),
+    /// Runs the floor server: relays each client frame as-is to the document's other sockets.
+    Floor(floor::FloorArgs),
     /// Writes (or replaces) the Cluster section of a Markdown report from fan-out runs.
     ClusterReport(cluster_report::ClusterReportArgs),
 }
@@ -100,12 +111,17 @@ struct Common {
     /// Hard limit on the whole run, server start included.
     #[arg(long, default_value_t = 20.0)]
     max_seconds: f64,
+    /// Bind client sockets to 127.0.0.1 … 127.0.0.N in turn (beyond ~28,000 connections to one
+    /// port, one source address runs out of ephemeral ports).
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.cmd {
         Cmd::Report(r) => return report::run(r),
+        Cmd::Floor(f) => return floor::run(f),
         Cmd::ClusterReport(r) => return cluster_report::run(r),
         _ => {}
     }
@@ -124,8 +140,10 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Presence { common, .. } => (common, "presence"),
         Cmd::Cold { common, .. } => (common, "cold"),
         Cmd::Churn { common, .. } => (common, "churn"),
-        Cmd::Report(_) | Cmd::ClusterReport(_) => unreachable!(),
+        Cmd::Memory { common, .. } => (common, "memory"),
+        Cmd::Report(_) | Cmd::Floor(_) | Cmd::ClusterReport(_) => unreachable!(),
     };
+    client::set_source_ips(common.source_ips);
     let t0 = Instant::now();
     let mut srv = {
         let (args, c) = (common.server.clone(), common.cluster.clone());
@@ -143,7 +161,8 @@ async fn async_main(cli: Cli) -> anyhow::Result<()> {
             Cmd::Presence { args, .. } => presence::run(args, srv.single()?).await,
             Cmd::Cold { args, .. } => disk::cold(args, srv.single()?).await,
             Cmd::Churn { args, .. } => disk::churn(args, srv.single()?).await,
-            Cmd::Report(_) | Cmd::ClusterReport(_) => unreachable!(),
+            Cmd::Memory { args, .. } => memory::run(args, srv.single()?).await,
+            Cmd::Report(_) | Cmd::Floor(_) | Cmd::ClusterReport(_) => unreachable!(),
         }
     };
     let outcome = tokio::time::timeout(budget, fut).await;

@@ -86,6 +86,19 @@ pub enum Protocol {
     /// until it has answered with Authenticated (checked against @hocuspocus/server 3.4.4,
     /// ClientConnection.ts and MessageReceiver.ts).
     Hocuspocus,
+    /// y-sweet 0.9: y-websocket messages, but a document lives at `/d/{doc}/ws/{doc}` and is
+    /// created first with `POST /doc/new {"docId": …}` (as its JS client does through the app).
+    YSweet,
+}
+
+impl Protocol {
+    /// WebSocket URL of document `doc` on the server at `base` (`ws://host:port`).
+    pub fn doc_url(self, base: &str, doc: &str) -> String {
+        match self {
+            Protocol::YSweet => format!("{base}/d/{doc}/ws/{doc}"),
+            Protocol::Y | Protocol::Hocuspocus => format!("{base}/{doc}"),
+        }
+    }
 }
 
 /// How one connection wraps and unwraps messages for one document.
@@ -94,6 +107,7 @@ pub struct Framing {
     pub protocol: Protocol,
     /// varString(document name) for hocuspocus, empty for y-websocket.
     prefix: Vec<u8>,
+    pub doc: String,
 }
 
 /// Hocuspocus message types beyond y-websocket's 0–3 (@hocuspocus/server src/types.ts).
@@ -110,7 +124,11 @@ impl Framing {
             write_var(&mut prefix, doc.len() as u64);
             prefix.extend_from_slice(doc.as_bytes());
         }
-        Framing { protocol, prefix }
+        Framing {
+            protocol,
+            prefix,
+            doc: doc.to_string(),
+        }
     }
 
     /// One outgoing frame around one y-protocols message.
@@ -133,7 +151,7 @@ impl Framing {
     /// Calls `f` for each message of a frame; false when the frame is malformed.
     pub fn messages<'a>(&self, frame: &'a [u8], f: impl FnMut(Msg<'a>)) -> bool {
         match self.protocol {
-            Protocol::Y => for_each_message(frame, f),
+            Protocol::Y | Protocol::YSweet => for_each_message(frame, f),
             Protocol::Hocuspocus => hocuspocus_message(frame, f),
         }
     }

@@ -207,7 +207,7 @@ pub async fn run(a: &RoomsArgs, server: &Server) -> anyhow::Result<(Value, Vec<(
         let docs = a.docs.max(1);
         client::bounded(n, a.connect_concurrency, move |i| {
             let name = format!("{prefix}-{}", i / per_doc);
-            let url = format!("{base}/{name}");
+            let url = protocol.doc_url(&base, &name);
             let fr = proto::Framing::new(protocol, &name);
             let aw = awareness.then(|| {
                 proto::awareness_message(

@@ -37,7 +37,8 @@ pub struct ServerArgs {
     #[arg(long)]
     pub server_log: Option<PathBuf>,
 
-    /// Wire dialect of the server: y-websocket (`y`) or hocuspocus.
+    /// Wire dialect of the server: y-websocket (`y`), hocuspocus or y-sweet (y-websocket
+    /// messages on y-sweet's URLs).
     #[arg(long, value_enum, default_value = "y")]
     pub protocol: crate::proto::Protocol,
 }
@@ -138,7 +139,7 @@ impl Server {
     /// URL of a document's connection. Hocuspocus routes by the name inside each message and
     /// ignores the path; the path names the document anyway, as HocuspocusProvider does not.
     pub fn url(&self, doc: &str) -> String {
-        format!("{}/{}", self.base_url, doc)
+        self.protocol.doc_url(&self.base_url, doc)
     }
 
     pub fn framing(&self, doc: &str) -> crate::proto::Framing {

@@ -9,6 +9,8 @@ use collab_server::config::{Cli, Command, TokenArgs};
 use collab_server::tools::{self, backup, ToolError};
 use tracing_subscriber::EnvFilter;
 
+mod allocator;
+
 /// Exit code for settings that cannot work, as clap uses for a bad flag.
 const USAGE: u8 = 2;
 

@@ -5,11 +5,12 @@
 //! failing the server is told to shut down: nothing unflushed was ever shown to a client, and a
 //! supervisor's restart reopens storage, whereas serving on would fail every edit silently.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use collab_storage::{Store, StoreError};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{error, warn};
 
 use crate::counters::count;
@@ -26,7 +27,7 @@ const RETRY_BACKOFF: [Duration; 3] = [
 
 #[derive(Clone)]
 pub struct Flusher {
-    tx: mpsc::UnboundedSender<Waiter>,
+    tx: mpsc::Sender<Waiter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,60 +38,72 @@ pub enum FlushError {
     Stopped,
 }
 
-async fn flush_once(store: &Arc<dyn Store>, delay: Duration) -> Result<(), Arc<StoreError>> {
-    let store = store.clone();
+/// One flush, on the flush thread. A panicking store is reported like a failed flush (and
+/// retried), not allowed to take the thread and every later waiter with it.
+fn flush_once(store: &Arc<dyn Store>, delay: Duration) -> Result<(), Arc<StoreError>> {
     let timer = METRICS.flush_seconds.start_timer();
-    let result = tokio::task::spawn_blocking(move || {
+    if !delay.is_zero() {
         std::thread::sleep(delay);
-        store.flush()
-    })
-    .await;
+    }
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| store.flush()));
     timer.observe_duration();
     match result {
         Ok(r) => r.map_err(Arc::new),
-        Err(join) => Err(Arc::new(StoreError::Corrupt {
+        Err(_) => Err(Arc::new(StoreError::Corrupt {
             doc: String::new(),
-            what: format!("flush task failed: {join}"),
+            what: "flush task failed: the store panicked".into(),
         })),
     }
 }
 
+/// The flush thread: waits for the first request, takes every request queued by then (each
+/// wrote before this flush starts, so this flush covers it), flushes, answers them all. One
+/// long-lived thread rather than a blocking-pool task per group commit: no thread is created
+/// and no pool is consulted per flush, and a request reaches it in one hop.
+fn run(
+    rx: mpsc::Receiver<Waiter>,
+    store: Arc<dyn Store>,
+    delay: Duration,
+    fatal: watch::Sender<Option<String>>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut waiters = vec![first];
+        waiters.extend(rx.try_iter());
+        let mut result = flush_once(&store, delay);
+        for backoff in RETRY_BACKOFF {
+            let Err(e) = &result else { break };
+            count(|c| &c.storage_flush_failures);
+            METRICS.storage_errors.inc();
+            warn!(error = %e, retry_in = ?backoff, "storage flush failed; retrying");
+            std::thread::sleep(backoff);
+            result = flush_once(&store, delay);
+        }
+        if let Err(e) = &result {
+            count(|c| &c.storage_flush_failures);
+            error!(error = %e, "storage flush keeps failing; the server will stop");
+            fatal.send_replace(Some(e.to_string()));
+        }
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
 impl Flusher {
-    /// Starts the flusher task on the current runtime. Each document actor has at most one
-    /// request outstanding, so the unbounded queue is bounded by the number of open documents.
-    /// `fatal` receives the reason when storage cannot be flushed even after retries.
+    /// Starts the flush thread; it ends once every `Flusher` clone is gone. Each document actor
+    /// has at most one request outstanding, so the unbounded queue is bounded by the number of
+    /// open documents. `fatal` receives the reason when storage cannot be flushed even after
+    /// retries.
     pub fn start(
         store: Arc<dyn Store>,
         delay: Duration,
         fatal: watch::Sender<Option<String>>,
     ) -> Flusher {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
-        actix_rt::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                // Every waiter queued now wrote before this flush starts, so this flush covers it.
-                let mut waiters = vec![first];
-                while let Ok(w) = rx.try_recv() {
-                    waiters.push(w);
-                }
-                let mut result = flush_once(&store, delay).await;
-                for backoff in RETRY_BACKOFF {
-                    let Err(e) = &result else { break };
-                    count(|c| &c.storage_flush_failures);
-                    METRICS.storage_errors.inc();
-                    warn!(error = %e, retry_in = ?backoff, "storage flush failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    result = flush_once(&store, delay).await;
-                }
-                if let Err(e) = &result {
-                    count(|c| &c.storage_flush_failures);
-                    error!(error = %e, "storage flush keeps failing; the server will stop");
-                    fatal.send_replace(Some(e.to_string()));
-                }
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        std::thread::Builder::new()
+            .name("collab-flush".into())
+            .spawn(move || run(rx, store, delay, fatal))
+            .expect("spawn the flush thread");
         Flusher { tx }
     }
 
@@ -101,5 +114,95 @@ impl Flusher {
         rx.await
             .map_err(|_| FlushError::Stopped)?
             .map_err(FlushError::Store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use collab_storage::{Damage, DocMeta, DocStats, StoredDoc, VersionMeta};
+
+    use super::*;
+
+    /// A store whose first `failures` flushes fail; nothing else is called.
+    struct FlakyStore {
+        failures: usize,
+        flushes: AtomicUsize,
+    }
+
+    impl Store for FlakyStore {
+        fn flush(&self) -> Result<(), StoreError> {
+            if self.flushes.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(StoreError::Corrupt {
+                    doc: String::new(),
+                    what: "injected".into(),
+                });
+            }
+            Ok(())
+        }
+        fn load(&self, _: &str) -> Result<StoredDoc, StoreError> {
+            unimplemented!()
+        }
+        fn append(&self, _: &str, _: u64, _: &[u8]) -> Result<(), StoreError> {
+            unimplemented!()
+        }
+        fn compact(&self, _: &str, _: &[u8], _: u64) -> Result<(), StoreError> {
+            unimplemented!()
+        }
+        fn list(&self) -> Result<Vec<String>, StoreError> {
+            unimplemented!()
+        }
+        fn meta(&self, _: &str) -> Result<Option<DocMeta>, StoreError> {
+            unimplemented!()
+        }
+        fn delete(&self, _: &str) -> Result<bool, StoreError> {
+            unimplemented!()
+        }
+        fn stats(&self, _: &str) -> Result<Option<DocStats>, StoreError> {
+            unimplemented!()
+        }
+        fn put_version(&self, _: &str, _: &str, _: &[u8]) -> Result<VersionMeta, StoreError> {
+            unimplemented!()
+        }
+        fn versions(&self, _: &str) -> Result<Vec<VersionMeta>, StoreError> {
+            unimplemented!()
+        }
+        fn version(&self, _: &str, _: u64) -> Result<Option<(VersionMeta, Vec<u8>)>, StoreError> {
+            unimplemented!()
+        }
+        fn check(&self) -> Result<Vec<Damage>, StoreError> {
+            unimplemented!()
+        }
+    }
+
+    fn start(failures: usize) -> (Flusher, Arc<FlakyStore>, watch::Receiver<Option<String>>) {
+        let store = Arc::new(FlakyStore {
+            failures,
+            flushes: AtomicUsize::new(0),
+        });
+        let (fatal, fatal_rx) = watch::channel(None);
+        let f = Flusher::start(store.clone(), Duration::ZERO, fatal);
+        (f, store, fatal_rx)
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_and_not_fatal() {
+        let (f, store, fatal) = start(2);
+        f.flush().await.expect("third attempt succeeds");
+        assert_eq!(store.flushes.load(Ordering::SeqCst), 3);
+        assert!(fatal.borrow().is_none());
+        f.flush().await.expect("later flushes succeed");
+    }
+
+    #[tokio::test]
+    async fn a_lasting_failure_reaches_every_waiter_and_stops_the_server() {
+        let (f, store, fatal) = start(usize::MAX);
+        let (a, b) = tokio::join!(f.flush(), f.flush());
+        assert!(matches!(a, Err(FlushError::Store(_))));
+        assert!(matches!(b, Err(FlushError::Store(_))));
+        // One try and three retries per flush.
+        assert!(store.flushes.load(Ordering::SeqCst) >= 4);
+        assert!(fatal.borrow().is_some());
     }
 }

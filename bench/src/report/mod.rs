@@ -8,6 +8,12 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
+mod charts;
+mod targets;
+
+use charts::charts;
+use targets::targets;
+
 #[derive(Args, Debug)]
 pub struct ReportArgs {
     /// JSON-lines file(s) written with --json-out.
@@ -187,7 +193,43 @@ fn metrics(scenario: &str, sample: &[&Value]) -> Vec<(String, Get)> {
                 "edits: server cores busy".into(),
                 p(&["edits", "server_cpu_util"]),
             ),
+            (
+                "edits: server CPU per delivered edit (µs)".into(),
+                Box::new(|v| {
+                    let busy = num(v, &["edits", "server_cpu_util"])?;
+                    let secs = num(v, &["edits", "seconds"])?;
+                    let d = num(v, &["edits", "delivered"])?;
+                    (d > 0.0).then(|| busy * secs * 1e6 / d)
+                }),
+            ),
         ],
+        "memory" => {
+            let mut m: Vec<(String, Get)> = vec![("RSS idle (KiB)".into(), p(&["rss_kb_idle"]))];
+            for (phase, what) in [
+                ("sockets_phase", "idle sockets"),
+                ("document_phase", "large document"),
+            ] {
+                m.push((
+                    format!("{what}: RSS loaded (KiB)"),
+                    Box::new(move |v| num(v, &[phase, "rss_kb_loaded"])),
+                ));
+                for t in ["10s", "30s", "60s"] {
+                    m.push((
+                        format!("{what}: RSS {t} after close (KiB)"),
+                        Box::new(move |v| num(v, &[phase, "rss_kb_after_close", t])),
+                    ));
+                }
+                m.push((
+                    format!("{what}: RSS at the end ÷ idle"),
+                    Box::new(move |v| num(v, &[phase, "ratio_to_idle_last"])),
+                ));
+                m.push((
+                    format!("{what}: seconds until ≤ 2× idle"),
+                    Box::new(move |v| num(v, &[phase, "seconds_to_2x_idle"])),
+                ));
+            }
+            m
+        }
         "join" => {
             let mut m: Vec<(String, Get)> = vec![
                 ("document encoded (bytes)".into(), p(&["doc_bytes"])),
@@ -273,6 +315,14 @@ fn describe(v: &Value) -> String {
         Some("churn") => format!(
             "{} edits (60 % inserts of 1–8 characters, 40 % deletions of 1–16) at random positions, {} per update; bytes written by the server process over it",
             v["ops"], v["per_update"]
+        ),
+        Some("memory") => format!(
+            "{} idle sockets ({} documents × 4) opened and closed, then a {}-operation document built, fetched by {} clients and closed; RSS sampled for {} s after each close",
+            v["sockets"],
+            v["sockets"].as_u64().unwrap_or(0) / 4,
+            v["ops"],
+            v["joiners"],
+            v["watch_s"]
         ),
         _ => String::new(),
     }
@@ -506,362 +556,4 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&a.out, md).with_context(|| format!("write {}", a.out.display()))?;
     Ok(())
-}
-
-/// Median of one figure over the runs of one measurement against one server.
-fn figure(recs: &[Value], name: &str, server: &str, path: &[&str]) -> Option<f64> {
-    median(
-        recs.iter()
-            .filter(|r| r["name"].as_str() == Some(name) && r["server"].as_str() == Some(server))
-            .filter_map(|r| num(r, path))
-            .collect(),
-    )
-}
-
-/// First of `names` that has results.
-fn first_present<'a>(recs: &[Value], names: &[&'a str]) -> Option<&'a str> {
-    names
-        .iter()
-        .copied()
-        .find(|n| recs.iter().any(|r| r["name"].as_str() == Some(n)))
-}
-
-/// One targets-table row: both figures, their ratio, and whether it is within `limit`.
-fn ratio_row(
-    md: &mut String,
-    what: &str,
-    measured_by: &str,
-    b: Option<f64>,
-    r: Option<f64>,
-    limit: f64,
-) -> std::fmt::Result {
-    let v = match (b, r) {
-        (Some(b), Some(r)) if r > 0.0 => Some(b / r),
-        _ => None,
-    };
-    let verdict = match v {
-        Some(v) if v <= limit => "met",
-        Some(_) => "**missed**",
-        None => "no data",
-    };
-    writeln!(
-        md,
-        "| {what} | {measured_by} | {} | {} | {} | ≤ {limit}× | {verdict} |",
-        b.map_or("–".into(), fmt),
-        r.map_or("–".into(), fmt),
-        v.map_or("–".into(), |v| format!("{v:.2}×"))
-    )
-}
-
-/// The issue's targets: collab ÷ reference ratios and absolute limits, met or missed.
-fn targets(md: &mut String, recs: &[Value], base: &str, reference: &str) -> anyhow::Result<()> {
-    writeln!(md, "## Targets\n")?;
-    writeln!(
-        md,
-        "| target | measurement | {base} | {reference} | value | limit | |"
-    )?;
-    writeln!(md, "|---|---|---:|---:|---:|---:|---|")?;
-    let ratio = |md: &mut String, what: &str, names: &[&str], path: &[&str], limit: f64| {
-        let Some(name) = first_present(recs, names) else {
-            return writeln!(md, "| {what} | – | | | | ≤ {limit}× | not run |");
-        };
-        let b = figure(recs, name, base, path);
-        let r = figure(recs, name, reference, path);
-        ratio_row(md, what, name, b, r, limit)
-    };
-    ratio(
-        md,
-        "fan-out, 200 readers: server CPU per delivered update",
-        &["fanout-200"],
-        &["cpu_us_per_delivery"],
-        0.1,
-    )?;
-    ratio(
-        md,
-        "fan-out, 200 readers: latency p99",
-        &["fanout-200"],
-        &["lat_ms", "p99"],
-        0.2,
-    )?;
-    let rooms = ["rooms-2500x4", "rooms"];
-    ratio(
-        md,
-        "rooms: RSS per connection",
-        &rooms,
-        &["rss_kb_per_conn"],
-        0.5,
-    )?;
-    ratio(
-        md,
-        "rooms: RSS per document",
-        &rooms,
-        &["rss_kb_per_doc"],
-        0.3,
-    )?;
-    // The rows above divide one RSS delta by connections and by documents, so both carry the
-    // other's cost. Two runs with the same 2,000 connections, as 2,000 x 1 and as 500 x 4,
-    // separate them: RSS = docs * d + conns * c.
-    let fit = |server: &str| -> Option<(f64, f64)> {
-        let one = figure(recs, "rooms-2000x1", server, &["rss_delta_kb"])?;
-        let four = figure(recs, "rooms", server, &["rss_delta_kb"])?;
-        let d = (one - four) / 1500.0;
-        Some((d, (four - 500.0 * d) / 2000.0))
-    };
-    for (i, (what, limit)) in [
-        ("rooms: RSS per document, separated (2000x1 vs 500x4)", 0.3),
-        (
-            "rooms: RSS per connection, separated (2000x1 vs 500x4)",
-            0.5,
-        ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let pick = |f: (f64, f64)| if i == 0 { f.0 } else { f.1 };
-        let (b, r) = (fit(base).map(pick), fit(reference).map(pick));
-        ratio_row(md, what, "rooms, rooms-2000x1", b, r, limit)?;
-    }
-    ratio(
-        md,
-        "loaded document memory (RSS with the 260,000-op document)",
-        &["join"],
-        &["rss_kb", "loaded"],
-        0.2,
-    )?;
-    // Absolute limits on collab alone.
-    let join20 = first_present(recs, &["join-20mb", "join-4mb"]);
-    let p99 = join20.and_then(|n| {
-        median(
-            recs.iter()
-                .filter(|r| r["name"].as_str() == Some(n) && r["server"].as_str() == Some(base))
-                .filter_map(|r| {
-                    r["joins"]
-                        .as_array()?
-                        .iter()
-                        .find(|j| j["clients"].as_u64() == Some(150))
-                        .and_then(|j| num(j, &["sync_ms", "p99"]))
-                })
-                .collect(),
-        )
-    });
-    let verdict = |ok: Option<bool>| match ok {
-        Some(true) => "met",
-        Some(false) => "**missed**",
-        None => "no data",
-    };
-    writeln!(
-        md,
-        "| join storm, 150 clients, 20 MB document: p99 | {} | {} | | {} | ≤ 2000 ms | {}{} |",
-        join20.unwrap_or("–"),
-        p99.map_or("–".into(), |v| format!("{} ms", fmt(v))),
-        p99.map_or("–".into(), |v| format!("{} ms", fmt(v))),
-        verdict(p99.map(|v| v <= 2000.0)),
-        if join20 == Some("join-4mb") {
-            " (4 MB only: 20 MB not run)"
-        } else {
-            ""
-        }
-    )?;
-    let pres = first_present(recs, &["presence-500", "presence-200", "presence"]);
-    let cpu = pres.and_then(|n| figure(recs, n, base, &["cpu_pct_one_core"]));
-    let share = pres.and_then(|n| figure(recs, n, base, &["delivered_pct"]));
-    writeln!(
-        md,
-        "| presence, 500 clients: server CPU, all delivered | {} | {} % CPU, {} % delivered | | | ≤ 10 %, 100 % | {}{} |",
-        pres.unwrap_or("–"),
-        cpu.map_or("–".into(), fmt),
-        share.map_or("–".into(), fmt),
-        verdict(cpu.zip(share).map(|(c, s)| c <= 10.0 && s >= 100.0)),
-        if pres.is_some_and(|p| p != "presence-500") { " (fewer than 500 clients)" } else { "" }
-    )?;
-    writeln!(md)?;
-    Ok(())
-}
-
-/// Grouped bar chart as hand-written SVG: one group per measurement, one bar per server.
-fn bar_chart(
-    title: &str,
-    unit: &str,
-    groups: &[String],
-    series: &[String],
-    vals: &[Vec<Option<f64>>],
-) -> String {
-    const COLORS: [&str; 6] = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-    ];
-    let (w, h, left, top, bottom) = (860.0, 360.0, 70.0, 50.0, 70.0);
-    let max = vals
-        .iter()
-        .flatten()
-        .flatten()
-        .fold(0.0f64, |m, v| m.max(*v))
-        .max(1e-9);
-    let plot_w = w - left - 20.0;
-    let plot_h = h - top - bottom;
-    let gw = plot_w / groups.len().max(1) as f64;
-    let bw = (gw * 0.8) / series.len().max(1) as f64;
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">{} ({})</text>"#,
-        esc(title),
-        esc(unit)
-    );
-    for i in 0..=4 {
-        let v = max * f64::from(i) / 4.0;
-        let y = top + plot_h - plot_h * f64::from(i) / 4.0;
-        svg += &format!(
-            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            w - 20.0,
-            left - 4.0,
-            y + 4.0,
-            fmt(v)
-        );
-    }
-    for (g, name) in groups.iter().enumerate() {
-        let gx = left + gw * g as f64 + gw * 0.1;
-        for (s, _) in series.iter().enumerate() {
-            let Some(v) = vals[g][s] else { continue };
-            let bh = plot_h * v / max;
-            let x = gx + bw * s as f64;
-            svg += &format!(
-                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{}"><title>{}: {}</title></rect>"#,
-                top + plot_h - bh,
-                bw * 0.95,
-                COLORS[s % COLORS.len()],
-                esc(&series[s]),
-                fmt(v)
-            );
-        }
-        svg += &format!(
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            gx + gw * 0.4,
-            top + plot_h + 16.0,
-            esc(name)
-        );
-    }
-    for (s, name) in series.iter().enumerate() {
-        let x = left + 130.0 * s as f64;
-        let y = h - 18.0;
-        svg += &format!(
-            r#"<rect x="{x}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{y}">{}</text>"#,
-            y - 9.0,
-            COLORS[s % COLORS.len()],
-            x + 14.0,
-            esc(name)
-        );
-    }
-    svg += "</svg>\n";
-    svg
-}
-
-/// Writes the charts that have data; returns their file names.
-fn charts(
-    dir: &std::path::Path,
-    recs: &[Value],
-    servers: &[String],
-    names: &[String],
-) -> anyhow::Result<Vec<String>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let of = |scenario: &str| -> Vec<String> {
-        names
-            .iter()
-            .filter(|n| {
-                recs.iter().any(|r| {
-                    r["name"].as_str() == Some(n.as_str())
-                        && r["scenario"].as_str() == Some(scenario)
-                })
-            })
-            .cloned()
-            .collect()
-    };
-    let join150 = |v: &Value| {
-        v["joins"]
-            .as_array()?
-            .iter()
-            .find(|j| j["clients"].as_u64() == Some(150))
-            .and_then(|j| num(j, &["sync_ms", "p99"]))
-    };
-    type Pick = Box<dyn Fn(&Value) -> Option<f64>>;
-    let p = |path: &'static [&'static str]| -> Pick { Box::new(move |v| num(v, path)) };
-    let specs: Vec<(&str, &str, &str, &str, Pick)> = vec![
-        (
-            "fanout_p50.svg",
-            "fanout",
-            "Fan-out latency p50",
-            "ms",
-            p(&["lat_ms", "p50"]),
-        ),
-        (
-            "fanout_p99.svg",
-            "fanout",
-            "Fan-out latency p99",
-            "ms",
-            p(&["lat_ms", "p99"]),
-        ),
-        (
-            "fanout_cpu.svg",
-            "fanout",
-            "Server CPU per delivered update",
-            "µs",
-            p(&["cpu_us_per_delivery"]),
-        ),
-        (
-            "rooms_rss_conn.svg",
-            "rooms",
-            "RSS per connection",
-            "KiB",
-            p(&["rss_kb_per_conn"]),
-        ),
-        (
-            "rooms_rss_doc.svg",
-            "rooms",
-            "RSS per document",
-            "KiB",
-            p(&["rss_kb_per_doc"]),
-        ),
-        (
-            "join_p99.svg",
-            "join",
-            "150 clients joining: connect → SyncStep2 p99",
-            "ms",
-            Box::new(join150),
-        ),
-        (
-            "presence_cpu.svg",
-            "presence",
-            "Presence: server CPU",
-            "% of one core",
-            p(&["cpu_pct_one_core"]),
-        ),
-    ];
-    let mut written = Vec::new();
-    for (file, scenario, title, unit, pick) in specs {
-        let groups = of(scenario);
-        let vals: Vec<Vec<Option<f64>>> = groups
-            .iter()
-            .map(|g| {
-                servers
-                    .iter()
-                    .map(|s| {
-                        median(
-                            recs.iter()
-                                .filter(|r| {
-                                    r["name"].as_str() == Some(g.as_str())
-                                        && r["server"].as_str() == Some(s.as_str())
-                                })
-                                .filter_map(&pick)
-                                .collect(),
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
-        if vals.iter().flatten().all(Option::is_none) {
-            continue;
-        }
-        let svg = bar_chart(title, unit, &groups, servers, &vals);
-        std::fs::write(dir.join(file), svg).with_context(|| format!("write {file}"))?;
-        written.push(file.to_string());
-    }
-    Ok(written)
 }

@@ -1,0 +1,245 @@
+//! The issue's targets: collab ÷ other servers' ratios and absolute limits, met or missed.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::{fmt, median, num};
+
+/// Median of one figure over the runs of one measurement against one server.
+fn figure(recs: &[Value], name: &str, server: &str, path: &[&str]) -> Option<f64> {
+    median(
+        recs.iter()
+            .filter(|r| r["name"].as_str() == Some(name) && r["server"].as_str() == Some(server))
+            .filter_map(|r| num(r, path))
+            .collect(),
+    )
+}
+
+/// First of `names` that has results.
+fn first_present<'a>(recs: &[Value], names: &[&'a str]) -> Option<&'a str> {
+    names
+        .iter()
+        .copied()
+        .find(|n| recs.iter().any(|r| r["name"].as_str() == Some(n)))
+}
+
+/// One targets-table row: both figures, their ratio, and whether it is within `limit`.
+fn ratio_row(
+    md: &mut String,
+    what: &str,
+    measured_by: &str,
+    b: Option<f64>,
+    r: Option<f64>,
+    limit: f64,
+) -> std::fmt::Result {
+    let v = match (b, r) {
+        (Some(b), Some(r)) if r > 0.0 => Some(b / r),
+        _ => None,
+    };
+    let verdict = match v {
+        Some(v) if v <= limit => "met",
+        Some(_) => "**missed**",
+        None => "no data",
+    };
+    writeln!(
+        md,
+        "| {what} | {measured_by} | {} | {} | {} | ≤ {limit}× | {verdict} |",
+        b.map_or("–".into(), fmt),
+        r.map_or("–".into(), fmt),
+        v.map_or("–".into(), |v| format!("{v:.2}×"))
+    )
+}
+
+/// The issue's targets: collab ÷ reference ratios and absolute limits, met or missed.
+pub(super) fn targets(
+    md: &mut String,
+    recs: &[Value],
+    base: &str,
+    reference: &str,
+) -> anyhow::Result<()> {
+    writeln!(md, "## Targets\n")?;
+    writeln!(
+        md,
+        "| target | measurement | {base} | {reference} | value | limit | |"
+    )?;
+    writeln!(md, "|---|---|---:|---:|---:|---:|---|")?;
+    let ratio = |md: &mut String, what: &str, names: &[&str], path: &[&str], limit: f64| {
+        let Some(name) = first_present(recs, names) else {
+            return writeln!(md, "| {what} | – | | | | ≤ {limit}× | not run |");
+        };
+        let b = figure(recs, name, base, path);
+        let r = figure(recs, name, reference, path);
+        ratio_row(md, what, name, b, r, limit)
+    };
+    ratio(
+        md,
+        "fan-out, 200 readers: server CPU per delivered update",
+        &["fanout-200"],
+        &["cpu_us_per_delivery"],
+        0.1,
+    )?;
+    ratio(
+        md,
+        "fan-out, 200 readers: latency p99",
+        &["fanout-200"],
+        &["lat_ms", "p99"],
+        0.2,
+    )?;
+    let rooms = ["rooms-2500x4", "rooms"];
+    ratio(
+        md,
+        "rooms: RSS per connection",
+        &rooms,
+        &["rss_kb_per_conn"],
+        0.5,
+    )?;
+    ratio(
+        md,
+        "rooms: RSS per document",
+        &rooms,
+        &["rss_kb_per_doc"],
+        0.3,
+    )?;
+    // The rows above divide one RSS delta by connections and by documents, so both carry the
+    // other's cost. Two runs with the same 2,000 connections, as 2,000 x 1 and as 500 x 4,
+    // separate them: RSS = docs * d + conns * c.
+    let fit = |server: &str| -> Option<(f64, f64)> {
+        let one = figure(recs, "rooms-2000x1", server, &["rss_delta_kb"])?;
+        let four = figure(recs, "rooms", server, &["rss_delta_kb"])?;
+        let d = (one - four) / 1500.0;
+        Some((d, (four - 500.0 * d) / 2000.0))
+    };
+    for (i, (what, limit)) in [
+        ("rooms: RSS per document, separated (2000x1 vs 500x4)", 0.3),
+        (
+            "rooms: RSS per connection, separated (2000x1 vs 500x4)",
+            0.5,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let pick = |f: (f64, f64)| if i == 0 { f.0 } else { f.1 };
+        let (b, r) = (fit(base).map(pick), fit(reference).map(pick));
+        ratio_row(md, what, "rooms, rooms-2000x1", b, r, limit)?;
+    }
+    ratio(
+        md,
+        "loaded document memory (RSS with the 260,000-op document)",
+        &["join"],
+        &["rss_kb", "loaded"],
+        0.2,
+    )?;
+    // Absolute limits on collab alone.
+    let join20 = first_present(recs, &["join-20mb", "join-4mb"]);
+    let p99 = join20.and_then(|n| {
+        median(
+            recs.iter()
+                .filter(|r| r["name"].as_str() == Some(n) && r["server"].as_str() == Some(base))
+                .filter_map(|r| {
+                    r["joins"]
+                        .as_array()?
+                        .iter()
+                        .find(|j| j["clients"].as_u64() == Some(150))
+                        .and_then(|j| num(j, &["sync_ms", "p99"]))
+                })
+                .collect(),
+        )
+    });
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "no data",
+    };
+    writeln!(
+        md,
+        "| join storm, 150 clients, 20 MB document: p99 | {} | {} | | {} | ≤ 2000 ms | {}{} |",
+        join20.unwrap_or("–"),
+        p99.map_or("–".into(), |v| format!("{} ms", fmt(v))),
+        p99.map_or("–".into(), |v| format!("{} ms", fmt(v))),
+        verdict(p99.map(|v| v <= 2000.0)),
+        if join20 == Some("join-4mb") {
+            " (4 MB only: 20 MB not run)"
+        } else {
+            ""
+        }
+    )?;
+    let pres = first_present(recs, &["presence-500", "presence-200", "presence"]);
+    let cpu = pres.and_then(|n| figure(recs, n, base, &["cpu_pct_one_core"]));
+    let share = pres.and_then(|n| figure(recs, n, base, &["delivered_pct"]));
+    writeln!(
+        md,
+        "| presence, 500 clients: server CPU, all delivered | {} | {} % CPU, {} % delivered | | | ≤ 10 %, 100 % | {}{} |",
+        pres.unwrap_or("–"),
+        cpu.map_or("–".into(), fmt),
+        share.map_or("–".into(), fmt),
+        verdict(cpu.zip(share).map(|(c, s)| c <= 10.0 && s >= 100.0)),
+        if pres.is_some_and(|p| p != "presence-500") { " (fewer than 500 clients)" } else { "" }
+    )?;
+    writeln!(md)?;
+    cpu_targets(md, recs, base)?;
+    Ok(())
+}
+
+/// Server CPU per delivered update at every fan-out point against every peer, each with its own
+/// limit (issue 15: never behind the Node reference or y-sweet, half of LevelDB's, near the floor
+/// at 200 readers). Only measurements and servers that were run show up.
+fn cpu_targets(md: &mut String, recs: &[Value], base: &str) -> anyhow::Result<()> {
+    const POINTS: [&str; 6] = [
+        "fanout-50",
+        "fanout-200",
+        "fanout-1000",
+        "fanout-50-r1000",
+        "fanout-200-r1000",
+        "fanout-1000-r1000",
+    ];
+    let peers: Vec<(&str, f64, &[&str])> = vec![
+        ("ref", 1.0, &POINTS),
+        ("y-sweet", 1.0, &POINTS),
+        ("ref-leveldb", 0.5, &POINTS),
+        ("floor", 1.3, &["fanout-200"]),
+    ];
+    let run = |name: &str, server: &str| {
+        recs.iter()
+            .any(|r| r["name"].as_str() == Some(name) && r["server"].as_str() == Some(server))
+    };
+    let peers: Vec<_> = peers
+        .into_iter()
+        .filter(|(p, _, _)| POINTS.iter().any(|n| run(n, p)))
+        .collect();
+    if peers.is_empty() || !POINTS.iter().any(|n| run(n, base)) {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "Server CPU per delivered update, {base} ÷ each server (limit in brackets):\n"
+    )?;
+    let mut head = format!("| measurement | {base} µs |");
+    let mut sep = String::from("|---|---:|");
+    for (p, limit, _) in &peers {
+        write!(head, " ÷ {p} (≤ {limit}×) |")?;
+        sep.push_str("---:|");
+    }
+    writeln!(md, "{head}\n{sep}")?;
+    let path = ["cpu_us_per_delivery"];
+    for name in POINTS.iter().filter(|n| run(n, base)) {
+        let b = figure(recs, name, base, &path);
+        let mut row = format!("| {name} | {} |", b.map_or("–".into(), fmt));
+        for (p, limit, points) in &peers {
+            let cell = match (b, figure(recs, name, p, &path)) {
+                _ if !points.contains(name) => String::new(),
+                (Some(b), Some(o)) if o > 0.0 => {
+                    let v = b / o;
+                    let verdict = if v <= *limit { "met" } else { "**missed**" };
+                    format!("{v:.2}× {verdict}")
+                }
+                _ => "–".into(),
+            };
+            write!(row, " {cell} |")?;
+        }
+        writeln!(md, "{row}")?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
