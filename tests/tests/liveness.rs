@@ -140,7 +140,10 @@ async fn a_stalling_reader_receives_every_broadcast_intact() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut frames = 0u32;
     while text.get_string(&doc.transact()).len() < expected {
-        assert!(std::time::Instant::now() < deadline, "not everything arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not everything arrived"
+        );
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .expect("the server stopped sending")
@@ -157,7 +160,8 @@ async fn a_stalling_reader_receives_every_broadcast_intact() {
         let mut decoder = yrs::updates::decoder::DecoderV1::from(bytes.as_ref());
         for m in yrs::sync::protocol::MessageReader::new(&mut decoder) {
             let update = match m.expect("a message that decodes") {
-                Message::Sync(SyncMessage::SyncStep2(u)) | Message::Sync(SyncMessage::Update(u)) => u,
+                Message::Sync(SyncMessage::SyncStep2(u))
+                | Message::Sync(SyncMessage::Update(u)) => u,
                 _ => continue,
             };
             let u = Update::decode_v1(&update).expect("an update that decodes");
