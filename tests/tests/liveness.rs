@@ -150,7 +150,7 @@ async fn a_stalling_reader_receives_every_broadcast_intact() {
             .expect("the connection ended")
             .expect("a frame that does not parse");
         frames += 1;
-        if frames % 2 == 0 {
+        if frames.is_multiple_of(2) {
             // Stall: the server's socket buffer fills while this side does not read.
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
