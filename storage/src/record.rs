@@ -177,10 +177,14 @@ pub enum Scanned {
     Bad { start: u64, end: u64 },
 }
 
-/// Every valid record of a segment and every damaged range between them. After damage the
-/// scan resumes at the next offset where a whole record with a matching checksum starts, so one
-/// damaged record hides none of the records after it.
-pub fn scan(segment: &[u8]) -> Vec<Scanned> {
+/// Every valid record of a segment and every damaged range between them, and where the
+/// segment's data ends. After damage the scan resumes at the next offset where a whole record
+/// with a matching checksum starts, so one damaged record hides none of the records after it.
+///
+/// Segments are extended with zeros ahead of the writes (see `wal`), so where a record could
+/// start and only zeros follow, the data ends: that is unused space, not damage. A record
+/// never starts with a zero length, so zeros are never mistaken for one.
+pub fn scan(segment: &[u8]) -> (Vec<Scanned>, usize) {
     let mut out = Vec::new();
     if segment.get(..SEGMENT_MAGIC.len()) != Some(&SEGMENT_MAGIC[..]) {
         out.push(Scanned::Bad {
@@ -207,6 +211,9 @@ pub fn scan(segment: &[u8]) -> Vec<Scanned> {
                 pos += len;
             }
             None => {
+                if bad_since.is_none() && segment[pos..].iter().all(|b| *b == 0) {
+                    return (out, pos);
+                }
                 bad_since.get_or_insert(pos);
                 pos += 1;
             }
@@ -218,7 +225,7 @@ pub fn scan(segment: &[u8]) -> Vec<Scanned> {
             end: segment.len() as u64,
         });
     }
-    out
+    (out, segment.len())
 }
 
 #[cfg(test)]
@@ -254,7 +261,7 @@ mod tests {
             Record::Delete { doc: "x".into() },
             Record::Commit(vec![(UPDATE, "d".into(), 1, 1), (DELETE, "x".into(), 0, 0)]),
         ];
-        let scanned = scan(&segment(&records));
+        let scanned = scan(&segment(&records)).0;
         let back: Vec<Record> = scanned
             .into_iter()
             .map(|s| match s {
@@ -266,12 +273,35 @@ mod tests {
     }
 
     #[test]
+    fn zeros_after_the_last_record_are_free_space_not_damage() {
+        // The commit ends in zero bytes (its range 0..=0): only a record start can begin the
+        // free space.
+        let records = vec![update(1), Record::Commit(vec![(UPDATE, "d".into(), 0, 0)])];
+        let clean = segment(&records);
+        let mut padded = clean.clone();
+        padded.resize(clean.len() + 4096, 0);
+        let (scanned, end) = scan(&padded);
+        assert_eq!(end, clean.len());
+        assert_eq!(scanned.len(), 2);
+        assert!(scanned.iter().all(|s| matches!(s, Scanned::Record { .. })));
+
+        // A torn write into the free space is damage up to the end, not free space.
+        padded[clean.len() + 100] = 1;
+        let (scanned, end) = scan(&padded);
+        assert_eq!(end, padded.len());
+        assert!(matches!(
+            scanned.last(),
+            Some(Scanned::Bad { start, .. }) if *start == clean.len() as u64
+        ));
+    }
+
+    #[test]
     fn a_flipped_byte_anywhere_hides_only_its_record() {
         let clean = segment(&[update(1), update(2), update(3)]);
         for at in SEGMENT_MAGIC.len()..clean.len() {
             let mut damaged = clean.clone();
             damaged[at] ^= 0x10;
-            let scanned = scan(&damaged);
+            let scanned = scan(&damaged).0;
             let seqs: Vec<u64> = scanned
                 .iter()
                 .filter_map(|s| match s {
@@ -294,7 +324,7 @@ mod tests {
     fn a_torn_tail_is_one_bad_range_at_the_end() {
         let clean = segment(&[update(1), update(2)]);
         let torn = &clean[..clean.len() - 5];
-        let scanned = scan(torn);
+        let scanned = scan(torn).0;
         assert!(matches!(scanned[0], Scanned::Record { .. }));
         assert!(matches!(scanned[1], Scanned::Bad { end, .. } if end == torn.len() as u64));
     }

@@ -49,7 +49,7 @@ pub(crate) struct Analysis {
     pub damage: Vec<Damage>,
     /// `(segment, offset)` where the unfinished last write begins.
     pub tail: Option<(u64, u64)>,
-    /// Bytes of each segment up to the tail.
+    /// Bytes of each segment's data: up to the tail, or up to its free space.
     pub sizes: BTreeMap<u64, u64>,
     pub deletes: BTreeSet<u64>,
 }
@@ -58,9 +58,13 @@ pub(crate) struct Analysis {
 /// was synced, ending in a commit, before the next was opened. So a bad range is a torn tail
 /// only if it is in the last segment with no valid commit after it; anything else is damage.
 pub(crate) fn analyze(segments: &[(u64, Vec<u8>)]) -> Analysis {
+    // The size of a segment is where its data ends, not its file's length (see `wal`).
     let scanned: Vec<(u64, usize, Vec<Scanned>)> = segments
         .iter()
-        .map(|(n, bytes)| (*n, bytes.len(), scan(bytes)))
+        .map(|(n, bytes)| {
+            let (items, end) = scan(bytes);
+            (*n, end, items)
+        })
         .collect();
     let mut last_commit = None;
     for (i, (_, _, items)) in scanned.iter().enumerate() {

@@ -1,7 +1,8 @@
 //! Segment files of the write-ahead log: naming, creating, reading.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use tracing::warn;
@@ -52,13 +53,13 @@ pub(crate) fn read_segments(
 
 pub(crate) fn create_segment(dir: &Path, n: u64) -> Result<File, StoreError> {
     let path = segment_path(dir, n);
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .create_new(true)
         .read(true)
-        .append(true)
+        .write(true)
         .open(&path)
         .map_err(|e| io("create", &path, e))?;
-    f.write_all(SEGMENT_MAGIC)
+    f.write_all_at(SEGMENT_MAGIC, 0)
         .and_then(|()| f.sync_data())
         .map_err(|e| io("write", &path, e))?;
     sync_dir(dir)?;

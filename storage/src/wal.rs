@@ -1,6 +1,13 @@
 //! The write-ahead log of document updates: numbered segment files in `<data>/wal/`, records
 //! framed with a CRC32 (see `record`), one `write` plus one `fdatasync` per flush.
 //!
+//! The head segment is extended with zeros [`ALLOC_CHUNK`] at a time, ahead of the writes: a
+//! write that does not change the file's size lets `fdatasync` skip the inode, which on ext4
+//! is a second synchronous I/O. Measured on this project's machine (a C loop of a 200-byte
+//! `pwrite` and `fdatasync`): 55–60 µs of CPU and 125–147 µs of wall time per flush when the
+//! file grows, 38 µs and 92–97 µs when it does not. Replay treats the zeros after the last
+//! record as free space (`record::scan`).
+//!
 //! Sled keeps snapshots and metadata; this log keeps every update not yet folded into a
 //! snapshot, plus a snapshot marker per document (what sled must hold), which makes it the
 //! independent record against which sled's content is checked.
@@ -11,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -27,6 +34,9 @@ pub(crate) type Log = Vec<(u64, Vec<u8>)>;
 
 /// A segment is closed once it reaches this size; smaller segments are reclaimed sooner.
 const SEGMENT_TARGET: u64 = 1 << 20;
+/// The head segment's file grows by this much at a time (zeros), so most flushes write inside
+/// the file's existing size.
+const ALLOC_CHUNK: u64 = 64 << 10;
 
 #[derive(Default)]
 struct Segment {
@@ -49,7 +59,10 @@ enum Buffered {
 struct Inner {
     head: u64,
     head_file: Arc<File>,
+    /// Bytes of data in the head segment: where the next write goes.
     head_len: u64,
+    /// The head segment file's length: data, then zeros.
+    head_alloc: u64,
     buf: Vec<u8>,
     buffered: Vec<(usize, usize, Buffered)>,
     commit_updates: BTreeMap<String, Vec<(u64, u64)>>,
@@ -171,6 +184,7 @@ impl Inner {
             self.head += 1;
             self.head_file = Arc::new(file);
             self.head_len = SEGMENT_MAGIC.len() as u64;
+            self.head_alloc = self.head_len;
             self.segments.entry(self.head).or_default().bytes = self.head_len;
         }
         let mut entries = std::mem::take(&mut self.commit_other);
@@ -180,14 +194,23 @@ impl Inner {
             }
         }
         record::encode(&mut self.buf, &Record::Commit(entries));
-        if let Err(e) = (&*self.head_file).write_all(&self.buf) {
+        let data = self.buf.len();
+        let end = self.head_len + data as u64;
+        if end > self.head_alloc {
+            // Grow the file in the same write, so the flush that pays for the inode pays once
+            // per chunk.
+            let alloc = end.div_ceil(ALLOC_CHUNK) * ALLOC_CHUNK;
+            self.buf.resize(data + (alloc - end) as usize, 0);
+        }
+        if let Err(e) = self.head_file.write_all_at(&self.buf, self.head_len) {
             let why = format!("write to segment {}: {e}", self.head);
             self.failed = Some(why.clone());
             return Err(StoreError::LogFailed(why));
         }
+        self.head_alloc = self.head_alloc.max(self.head_len + self.buf.len() as u64);
         self.generation += 1;
         let (head, base) = (self.head, self.head_len);
-        self.head_len += self.buf.len() as u64;
+        self.head_len = end;
         self.segments.entry(head).or_default().bytes = self.head_len;
         for (offset, len, what) in std::mem::take(&mut self.buffered) {
             let was = Loc::Buffered {
@@ -243,14 +266,19 @@ impl Wal {
                 let path = segment_path(dir, *n);
                 let keep = match tail {
                     Some((seg, at)) if seg == *n => at.max(SEGMENT_MAGIC.len() as u64),
-                    _ => bytes.len() as u64,
+                    _ => sizes.get(n).copied().unwrap_or(bytes.len() as u64),
                 };
                 let f = OpenOptions::new()
                     .read(true)
-                    .append(true)
+                    .write(true)
                     .open(&path)
                     .map_err(|e| io("open", &path, e))?;
-                if keep < bytes.len() as u64 || bytes.len() < SEGMENT_MAGIC.len() {
+                // Zeros after the data are the segment's free space; anything else there is
+                // an unfinished write.
+                let torn = bytes
+                    .get(keep as usize..)
+                    .is_some_and(|rest| rest.iter().any(|b| *b != 0));
+                if torn || bytes.len() < SEGMENT_MAGIC.len() {
                     info!(
                         segment = n,
                         discarded_bytes = bytes.len() as u64 - keep.min(bytes.len() as u64),
@@ -261,7 +289,7 @@ impl Wal {
                         || bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC[..]
                     {
                         f.set_len(0).map_err(|e| io("truncate", &path, e))?;
-                        (&f).write_all(SEGMENT_MAGIC)
+                        f.write_all_at(SEGMENT_MAGIC, 0)
                             .map_err(|e| io("write", &path, e))?;
                     }
                     f.sync_data().map_err(|e| io("sync", &path, e))?;
@@ -281,10 +309,15 @@ impl Wal {
             })
             .collect();
         seg_map.entry(head).or_default().bytes = head_len;
+        let head_alloc = head_file
+            .metadata()
+            .map_err(|e| io("stat", &segment_path(dir, head), e))?
+            .len();
         let mut inner = Inner {
             head,
             head_file: Arc::new(head_file),
             head_len,
+            head_alloc,
             buf: Vec::new(),
             buffered: Vec::new(),
             commit_updates: BTreeMap::new(),

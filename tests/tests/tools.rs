@@ -386,9 +386,13 @@ async fn check_reports_a_corrupted_record_by_document_name() {
         .filter(|p| p.extension().is_some_and(|x| x == "wal"))
         .max_by_key(|p| p.metadata().unwrap().len())
         .expect("a wal segment");
+    // Inside the victim's text: the segment's file also holds free space (zeros) after it.
     let mut bytes = std::fs::read(&wal).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x5a;
+    let at = bytes
+        .windows(64)
+        .position(|w| w.iter().all(|b| *b == b'v'))
+        .expect("the victim's text in the log");
+    bytes[at + 32] ^= 0x5a;
     std::fs::write(&wal, &bytes).unwrap();
 
     let damaged = tool(&data, &["check"]);
