@@ -166,6 +166,14 @@ pub struct Config {
     #[arg(long, env = "COLLAB_AWARENESS_BATCH_MS", default_value_t = 100)]
     pub awareness_batch_ms: u64,
 
+    /// After a storage flush (fsync) that covered several documents, the next starts no
+    /// sooner than this many microseconds later; edits arriving meanwhile share it, so under
+    /// edits spread over many documents one fsync covers many. An edit after a quiet spell, or
+    /// after a flush for one document (which gathers its own edits meanwhile), is flushed at
+    /// once. 0 flushes as soon as anything is waiting. Measured in bench/RESULTS.md.
+    #[arg(long, env = "COLLAB_FLUSH_INTERVAL_US", default_value_t = 2000)]
+    pub flush_interval_us: u64,
+
     /// Fault injection for tests: delay every storage flush by this many milliseconds, which
     /// widens the window in which an update is written but not yet durable.
     #[arg(long, hide = true, default_value_t = 0)]

@@ -53,6 +53,7 @@ impl Core {
         let (fatal, _) = watch::channel(None::<String>);
         let flusher = Flusher::start(
             store.clone(),
+            Duration::from_micros(config.flush_interval_us),
             Duration::from_millis(config.debug_flush_delay_ms),
             fatal.clone(),
         );

@@ -7,7 +7,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use collab_storage::{Store, StoreError};
 use tokio::sync::{oneshot, watch};
@@ -24,6 +24,9 @@ const RETRY_BACKOFF: [Duration; 3] = [
     Duration::from_millis(400),
     Duration::from_millis(1600),
 ];
+
+/// Flushes are paced while one of this many recent flushes covered several documents.
+const PACE_MEMORY: u32 = 8;
 
 #[derive(Clone)]
 pub struct Flusher {
@@ -56,19 +59,46 @@ fn flush_once(store: &Arc<dyn Store>, delay: Duration) -> Result<(), Arc<StoreEr
     }
 }
 
-/// The flush thread: waits for the first request, takes every request queued by then (each
-/// wrote before this flush starts, so this flush covers it), flushes, answers them all. One
-/// long-lived thread rather than a blocking-pool task per group commit: no thread is created
-/// and no pool is consulted per flush, and a request reaches it in one hop.
+/// The flush thread: waits for the first request; if one of the last [`PACE_MEMORY`] flushes
+/// covered several documents and the previous one started less than `interval` ago, waits out
+/// the rest of it; takes every
+/// request queued by then (each wrote before this flush starts, so this flush covers it),
+/// flushes, answers them all. One long-lived thread rather than a blocking-pool task per group
+/// commit: no thread is created and no pool is consulted per flush, and a request reaches it
+/// in one hop.
+///
+/// The pacing is what makes group commit group across documents: an fsync here costs 40–100 µs
+/// of CPU and little wall time, so without it 2,500 edits/s spread over documents cost nearly
+/// as many fsyncs. It adds no latency to an edit after a quiet spell. Nor does it wait while
+/// flushes carry one document's request each: each actor has one request outstanding and
+/// gathers its own updates meanwhile, so waiting would only delay a busy document's writer
+/// (at 1,000 edits/s into one document it took the median latency from 0.7 to 2.3 ms).
+/// Looking at several flushes rather than the last one keeps the pacing steady under many
+/// documents, where a flush that happens to carry one request is common.
 fn run(
     rx: mpsc::Receiver<Waiter>,
     store: Arc<dyn Store>,
+    interval: Duration,
     delay: Duration,
     fatal: watch::Sender<Option<String>>,
 ) {
+    let mut last_start: Option<Instant> = None;
+    // Flushes since the last one that covered several documents.
+    let mut since_shared = PACE_MEMORY;
     while let Ok(first) = rx.recv() {
+        if since_shared < PACE_MEMORY {
+            if let Some(wait) = last_start.and_then(|t| interval.checked_sub(t.elapsed())) {
+                std::thread::sleep(wait);
+            }
+        }
         let mut waiters = vec![first];
         waiters.extend(rx.try_iter());
+        last_start = Some(Instant::now());
+        since_shared = if waiters.len() > 1 {
+            0
+        } else {
+            (since_shared + 1).min(PACE_MEMORY)
+        };
         let mut result = flush_once(&store, delay);
         for backoff in RETRY_BACKOFF {
             let Err(e) = &result else { break };
@@ -92,17 +122,18 @@ fn run(
 impl Flusher {
     /// Starts the flush thread; it ends once every `Flusher` clone is gone. Each document actor
     /// has at most one request outstanding, so the unbounded queue is bounded by the number of
-    /// open documents. `fatal` receives the reason when storage cannot be flushed even after
+    /// open documents. Flushes start at least `interval` apart. `fatal` receives the reason when storage cannot be flushed even after
     /// retries.
     pub fn start(
         store: Arc<dyn Store>,
+        interval: Duration,
         delay: Duration,
         fatal: watch::Sender<Option<String>>,
     ) -> Flusher {
         let (tx, rx) = mpsc::channel::<Waiter>();
         std::thread::Builder::new()
             .name("collab-flush".into())
-            .spawn(move || run(rx, store, delay, fatal))
+            .spawn(move || run(rx, store, interval, delay, fatal))
             .expect("spawn the flush thread");
         Flusher { tx }
     }
@@ -176,14 +207,77 @@ mod tests {
         }
     }
 
-    fn start(failures: usize) -> (Flusher, Arc<FlakyStore>, watch::Receiver<Option<String>>) {
+    fn start_paced(
+        failures: usize,
+        interval: Duration,
+        delay: Duration,
+    ) -> (Flusher, Arc<FlakyStore>, watch::Receiver<Option<String>>) {
         let store = Arc::new(FlakyStore {
             failures,
             flushes: AtomicUsize::new(0),
         });
         let (fatal, fatal_rx) = watch::channel(None);
-        let f = Flusher::start(store.clone(), Duration::ZERO, fatal);
+        let f = Flusher::start(store.clone(), interval, delay, fatal);
         (f, store, fatal_rx)
+    }
+
+    fn start(failures: usize) -> (Flusher, Arc<FlakyStore>, watch::Receiver<Option<String>>) {
+        start_paced(failures, Duration::ZERO, Duration::ZERO)
+    }
+
+    /// Requests `gap` apart; resolves when every one was answered.
+    async fn requests(f: &Flusher, n: usize, gap: Duration) {
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let f = f.clone();
+            tasks.push(tokio::spawn(async move { f.flush().await }));
+            tokio::time::sleep(gap).await;
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_flush_for_several_documents_the_next_waits_out_the_interval() {
+        let interval = Duration::from_millis(500);
+        // Each flush takes 50 ms, so requests made during one queue for the next.
+        let (f, store, _) = start_paced(0, interval, Duration::from_millis(50));
+        let flushes = || store.flushes.load(Ordering::SeqCst);
+
+        // A alone; B and C arrive during A's flush and share the next one.
+        let t = Instant::now();
+        requests(&f, 3, Duration::from_millis(10)).await;
+        assert_eq!(flushes(), 2);
+        assert!(
+            t.elapsed() < interval / 2,
+            "no pacing after a flush of one request"
+        );
+
+        // That flush carried two requests: the next three, 20 ms apart, wait for one flush.
+        let second_started = t + Duration::from_millis(50);
+        requests(&f, 3, Duration::from_millis(20)).await;
+        assert_eq!(flushes(), 3, "one flush for all three");
+        assert!(
+            second_started.elapsed() >= interval,
+            "it waited out the interval"
+        );
+
+        // After a quiet spell a request is flushed at once.
+        tokio::time::sleep(interval).await;
+        let t = Instant::now();
+        requests(&f, 1, Duration::ZERO).await;
+        assert!(t.elapsed() < interval / 2, "no wait: {:?}", t.elapsed());
+
+        // Once the last PACE_MEMORY flushes each carried one request (one document gathering
+        // its own updates), the next one is not held back.
+        for _ in 1..PACE_MEMORY {
+            requests(&f, 1, Duration::ZERO).await;
+        }
+        let t = Instant::now();
+        requests(&f, 1, Duration::ZERO).await;
+        assert!(t.elapsed() < interval / 2, "no wait: {:?}", t.elapsed());
+        assert_eq!(flushes(), 3 + PACE_MEMORY as usize + 1);
     }
 
     #[tokio::test]
