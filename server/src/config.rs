@@ -166,11 +166,12 @@ pub struct Config {
     #[arg(long, env = "COLLAB_AWARENESS_BATCH_MS", default_value_t = 100)]
     pub awareness_batch_ms: u64,
 
-    /// After a storage flush (fsync) that covered several documents, the next starts no
-    /// sooner than this many microseconds later; edits arriving meanwhile share it, so under
-    /// edits spread over many documents one fsync covers many. An edit after a quiet spell, or
-    /// after a flush for one document (which gathers its own edits meanwhile), is flushed at
-    /// once. 0 flushes as soon as anything is waiting. Measured in bench/RESULTS.md.
+    /// While several documents ask for storage flushes (fsyncs), each starts no sooner than
+    /// this many microseconds after the previous one, and edits arriving meanwhile share it:
+    /// under edits spread over many documents one fsync covers many. An edit after a quiet
+    /// spell waits for nothing, nor does one document asking alone (8 flushes in a row: it
+    /// gathers its own edits while a flush runs, and flushes on its own thread). 0 flushes as
+    /// soon as anything is waiting. Measured in bench/RESULTS.md.
     #[arg(long, env = "COLLAB_FLUSH_INTERVAL_US", default_value_t = 2000)]
     pub flush_interval_us: u64,
 

@@ -53,7 +53,7 @@ pub async fn put_version(
     state
         .docs
         .flusher()
-        .flush()
+        .flush(name)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(version)

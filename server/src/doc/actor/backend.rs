@@ -78,6 +78,7 @@ impl DocActor {
         let store = self.store();
         let flusher = self.registry.flusher();
         let name = self.name.clone();
+        let requester = self.name.clone();
         let cluster = self.registry.cluster().cloned();
         ctx.spawn(
             async move {
@@ -92,7 +93,11 @@ impl DocActor {
                 })
                 .await;
                 match put {
-                    Ok(Ok(v)) => flusher.flush().await.map(|()| v).map_err(|e| e.to_string()),
+                    Ok(Ok(v)) => flusher
+                        .flush(&requester)
+                        .await
+                        .map(|()| v)
+                        .map_err(|e| e.to_string()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(e) => Err(e.to_string()),
                 }
@@ -123,6 +128,7 @@ impl DocActor {
         let store = self.store();
         let flusher = self.registry.flusher();
         let name = self.name.clone();
+        let requester = self.name.clone();
         let cluster = self.registry.cluster().cloned().zip(self.origin.clone());
         ctx.wait(
             async move {
@@ -136,7 +142,7 @@ impl DocActor {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                flusher.flush().await.map_err(|e| e.to_string())?;
+                flusher.flush(&requester).await.map_err(|e| e.to_string())?;
                 Ok::<bool, String>(deleted)
             }
             .into_actor(self)

@@ -297,8 +297,9 @@ impl DocActor {
             return;
         }
         let flusher = self.registry.flusher();
+        let name = self.name.clone();
         ctx.spawn(
-            async move { flusher.flush().await.map_err(|e| e.to_string()) }
+            async move { flusher.flush(&name).await.map_err(|e| e.to_string()) }
                 .into_actor(self)
                 .map(|result, act, ctx| act.flushed(result, ctx)),
         );
