@@ -6,10 +6,13 @@
 //! supervisor's restart reopens storage, whereas serving on would fail every edit silently.
 //!
 //! How flushes are scheduled depends on who asks. While one document asks alone (the last
-//! [`SOLO_AFTER`] requests all came from it), it flushes on its own thread, right away: that
-//! document's actor gathers its own updates while a flush runs, so there is nobody to group
-//! with, and doing it inline saves the hops to the flush thread and back (two thread wake-ups
-//! per update, about a tenth of the server's CPU at 50 readers). While several documents ask,
+//! [`SOLO_AFTER`] requests all came from it) and its thread has been idle (the caller says so:
+//! [`INLINE_AFTER_IDLE`] since it last delivered), it flushes on its own thread, right away:
+//! that document's actor gathers its own updates while a flush runs, so there is nobody to
+//! group with, and doing it inline saves the hops to the flush thread and back (two thread
+//! wake-ups per update: 18 % of the server's CPU at 50 readers). A busy thread does not flush
+//! inline: the fsync's wall time would stall the sends it has to do (at 1,000 readers the
+//! server fell behind and delivered 77 %). While several documents ask,
 //! requests go to the flush thread, which paces flushes `interval` apart so that one fsync
 //! covers many documents' edits.
 
@@ -38,6 +41,10 @@ const RETRY_BACKOFF: [Duration; 3] = [
 
 /// One document asking this many times in a row, with nobody else, is asking alone.
 const SOLO_AFTER: u32 = 8;
+
+/// A caller that delivered its last flushed updates at least this long ago is idle enough to
+/// spend a flush's wall time (0.1–0.3 ms here) on its own thread.
+pub const INLINE_AFTER_IDLE: Duration = Duration::from_millis(2);
 
 #[derive(Clone)]
 pub struct Flusher {
@@ -206,10 +213,11 @@ impl Flusher {
         Flusher { tx, shared }
     }
 
-    /// Resolves once everything written before the call is durable. `doc` names who asks.
-    pub async fn flush(&self, doc: &str) -> Result<(), FlushError> {
+    /// Resolves once everything written before the call is durable. `doc` names who asks;
+    /// `may_inline` says its thread is idle enough to run the flush itself.
+    pub async fn flush(&self, doc: &str, may_inline: bool) -> Result<(), FlushError> {
         let who = requester(doc);
-        if self.try_inline(who) {
+        if may_inline && self.try_inline(who) {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
@@ -341,7 +349,7 @@ mod tests {
         let mut tasks = Vec::new();
         for doc in docs {
             let (f, doc) = (f.clone(), doc.to_string());
-            tasks.push(tokio::spawn(async move { f.flush(&doc).await }));
+            tasks.push(tokio::spawn(async move { f.flush(&doc, true).await }));
             tokio::time::sleep(gap).await;
         }
         for t in tasks {
@@ -384,40 +392,45 @@ mod tests {
         let (f, store, fatal) = start(0);
         let last_thread = || store.threads.lock().unwrap().last().cloned().unwrap();
         for _ in 0..SOLO_AFTER {
-            f.flush("solo").await.unwrap();
+            f.flush("solo", true).await.unwrap();
             assert_eq!(last_thread(), "collab-flush");
         }
-        f.flush("solo").await.unwrap();
+        f.flush("solo", true).await.unwrap();
         assert_ne!(last_thread(), "collab-flush", "flushed inline");
+        // Not when the caller's thread is busy.
+        f.flush("solo", false).await.unwrap();
+        assert_eq!(last_thread(), "collab-flush");
+        f.flush("solo", true).await.unwrap();
+        assert_ne!(last_thread(), "collab-flush", "flushed inline again");
 
         // A failed inline flush goes to the flush thread, which retries it.
         store.fail.store(1, Ordering::SeqCst);
         let before = store.flushes.load(Ordering::SeqCst);
-        f.flush("solo").await.unwrap();
+        f.flush("solo", true).await.unwrap();
         assert_eq!(store.flushes.load(Ordering::SeqCst), before + 2);
         assert_eq!(last_thread(), "collab-flush");
         assert!(fatal.borrow().is_none());
 
         // Another document asking ends it: both go through the flush thread.
-        f.flush("other").await.unwrap();
+        f.flush("other", true).await.unwrap();
         assert_eq!(last_thread(), "collab-flush");
-        f.flush("solo").await.unwrap();
+        f.flush("solo", true).await.unwrap();
         assert_eq!(last_thread(), "collab-flush");
     }
 
     #[tokio::test]
     async fn a_transient_failure_is_retried_and_not_fatal() {
         let (f, store, fatal) = start(2);
-        f.flush("d").await.expect("third attempt succeeds");
+        f.flush("d", true).await.expect("third attempt succeeds");
         assert_eq!(store.flushes.load(Ordering::SeqCst), 3);
         assert!(fatal.borrow().is_none());
-        f.flush("d").await.expect("later flushes succeed");
+        f.flush("d", true).await.expect("later flushes succeed");
     }
 
     #[tokio::test]
     async fn a_lasting_failure_reaches_every_waiter_and_stops_the_server() {
         let (f, store, fatal) = start(usize::MAX);
-        let (a, b) = tokio::join!(f.flush("a"), f.flush("b"));
+        let (a, b) = tokio::join!(f.flush("a", true), f.flush("b", true));
         assert!(matches!(a, Err(FlushError::Store(_))));
         assert!(matches!(b, Err(FlushError::Store(_))));
         // One try and three retries per flush.

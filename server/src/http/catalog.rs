@@ -53,7 +53,7 @@ pub async fn put_version(
     state
         .docs
         .flusher()
-        .flush(name)
+        .flush(name, false)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(version)

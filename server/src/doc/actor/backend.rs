@@ -94,7 +94,7 @@ impl DocActor {
                 .await;
                 match put {
                     Ok(Ok(v)) => flusher
-                        .flush(&requester)
+                        .flush(&requester, false)
                         .await
                         .map(|()| v)
                         .map_err(|e| e.to_string()),
@@ -142,7 +142,10 @@ impl DocActor {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                flusher.flush(&requester).await.map_err(|e| e.to_string())?;
+                flusher
+                    .flush(&requester, false)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok::<bool, String>(deleted)
             }
             .into_actor(self)

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
@@ -31,6 +31,7 @@ mod load;
 
 use load::{load, load_doc, LoadError};
 
+use super::flusher::INLINE_AFTER_IDLE;
 use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
@@ -89,6 +90,8 @@ pub struct DocActor {
     pending: Vec<Pending>,
     /// How many `pending` entries the flush in flight covers.
     flushing: Option<usize>,
+    /// When the last flushed updates had gone out: a flush asked for long after may run inline.
+    delivered_at: Option<Instant>,
     compacting: bool,
     /// The SyncStep2 for a client with an empty state vector, shared by concurrent joiners.
     full_state: Option<Bytes>,
@@ -138,6 +141,7 @@ impl DocActor {
             snapshot_bytes: 0,
             pending: Vec::new(),
             flushing: None,
+            delivered_at: None,
             compacting: false,
             full_state: None,
             idle_epoch: 0,
@@ -298,8 +302,9 @@ impl DocActor {
         }
         let flusher = self.registry.flusher();
         let name = self.name.clone();
+        let idle = (self.delivered_at).is_none_or(|t| t.elapsed() >= INLINE_AFTER_IDLE);
         ctx.spawn(
-            async move { flusher.flush(&name).await.map_err(|e| e.to_string()) }
+            async move { flusher.flush(&name, idle).await.map_err(|e| e.to_string()) }
                 .into_actor(self)
                 .map(|result, act, ctx| act.flushed(result, ctx)),
         );
@@ -314,6 +319,7 @@ impl DocActor {
         let durable: Vec<Pending> = self.pending.drain(..covered).collect();
         let changed = durable.iter().any(|p| matches!(p, Pending::Update(..)));
         self.deliver(durable, ctx);
+        self.delivered_at = Some(Instant::now());
         if changed {
             self.changed_durably(ctx);
         }
