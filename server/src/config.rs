@@ -170,9 +170,8 @@ pub struct Config {
     /// this many microseconds after the previous one, and edits arriving meanwhile share it:
     /// under edits spread over many documents one fsync covers many. An edit after a quiet
     /// spell waits for nothing, nor does one document asking alone (8 flushes in a row: it
-    /// gathers its own edits while a flush runs, and flushes on its own thread when that has
-    /// been idle for 2 ms). 0 flushes as
-    /// soon as anything is waiting. Measured in bench/RESULTS.md.
+    /// gathers its own edits while a flush runs, and flushes on its own thread while that
+    /// idles at least as long as it spends sending). 0 flushes as soon as anything is waiting. Measured in bench/RESULTS.md.
     #[arg(long, env = "COLLAB_FLUSH_INTERVAL_US", default_value_t = 2000)]
     pub flush_interval_us: u64,
 

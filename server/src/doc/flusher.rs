@@ -6,8 +6,8 @@
 //! supervisor's restart reopens storage, whereas serving on would fail every edit silently.
 //!
 //! How flushes are scheduled depends on who asks. While one document asks alone (the last
-//! [`SOLO_AFTER`] requests all came from it) and its thread has been idle (the caller says so:
-//! [`INLINE_AFTER_IDLE`] since it last delivered), it flushes on its own thread, right away:
+//! [`SOLO_AFTER`] requests all came from it) and its thread is idle enough (the caller says
+//! so; see `doc/actor/flush.rs`), it flushes on its own thread, right away:
 //! that document's actor gathers its own updates while a flush runs, so there is nobody to
 //! group with, and doing it inline saves the hops to the flush thread and back (two thread
 //! wake-ups per update: 18 % of the server's CPU at 50 readers). A busy thread does not flush
@@ -41,10 +41,6 @@ const RETRY_BACKOFF: [Duration; 3] = [
 
 /// One document asking this many times in a row, with nobody else, is asking alone.
 const SOLO_AFTER: u32 = 8;
-
-/// A caller that delivered its last flushed updates at least this long ago is idle enough to
-/// spend a flush's wall time (0.1–0.3 ms here) on its own thread.
-pub const INLINE_AFTER_IDLE: Duration = Duration::from_millis(2);
 
 #[derive(Clone)]
 pub struct Flusher {

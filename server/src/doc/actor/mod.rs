@@ -28,10 +28,11 @@ mod input;
 mod remote;
 // Loading a document from the local store or from Redis.
 mod load;
+// Asking for durability and releasing what a flush covered.
+mod flush;
 
 use load::{load, load_doc, LoadError};
 
-use super::flusher::INLINE_AFTER_IDLE;
 use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
@@ -90,8 +91,10 @@ pub struct DocActor {
     pending: Vec<Pending>,
     /// How many `pending` entries the flush in flight covers.
     flushing: Option<usize>,
-    /// When the last flushed updates had gone out: a flush asked for long after may run inline.
+    /// When the last flushed updates had gone out, and how long sending them took: whether
+    /// this actor's thread is idle enough for an inline flush (see `flush.rs`).
     delivered_at: Option<Instant>,
+    deliver_took: Duration,
     compacting: bool,
     /// The SyncStep2 for a client with an empty state vector, shared by concurrent joiners.
     full_state: Option<Bytes>,
@@ -142,6 +145,7 @@ impl DocActor {
             pending: Vec::new(),
             flushing: None,
             delivered_at: None,
+            deliver_took: Duration::ZERO,
             compacting: false,
             full_state: None,
             idle_epoch: 0,
@@ -284,47 +288,6 @@ impl DocActor {
         self.closing = true;
         self.registry.remove(&self.name, &ctx.address());
         ctx.stop();
-    }
-
-    fn request_flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing.is_some() || self.pending.is_empty() {
-            return;
-        }
-        self.flushing = Some(self.pending.len());
-        if let Some(cluster) = self.registry.cluster().cloned() {
-            let name = self.name.clone();
-            ctx.spawn(
-                async move { cluster.flush(&name).await.map_err(|e| e.to_string()) }
-                    .into_actor(self)
-                    .map(|result, act, ctx| act.flushed(result, ctx)),
-            );
-            return;
-        }
-        let flusher = self.registry.flusher();
-        let name = self.name.clone();
-        let idle = (self.delivered_at).is_none_or(|t| t.elapsed() >= INLINE_AFTER_IDLE);
-        ctx.spawn(
-            async move { flusher.flush(&name, idle).await.map_err(|e| e.to_string()) }
-                .into_actor(self)
-                .map(|result, act, ctx| act.flushed(result, ctx)),
-        );
-    }
-
-    fn flushed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
-        let covered = self.flushing.take().unwrap_or(0);
-        if let Err(e) = result {
-            self.fail(format!("storage flush failed: {e}"), ctx);
-            return;
-        }
-        let durable: Vec<Pending> = self.pending.drain(..covered).collect();
-        let changed = durable.iter().any(|p| matches!(p, Pending::Update(..)));
-        self.deliver(durable, ctx);
-        self.delivered_at = Some(Instant::now());
-        if changed {
-            self.changed_durably(ctx);
-        }
-        self.request_flush(ctx);
-        self.maybe_compact(ctx);
     }
 
     /// Sends durable output in order. Consecutive updates go out as one merged message, so a
