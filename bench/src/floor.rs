@@ -79,6 +79,20 @@ pub fn run(a: &FloorArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Writes as much of `bytes` as the socket takes now: how much, or `None` if it failed.
+fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> Option<usize> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match stream.write(&bytes[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(done)
+}
+
 impl Floor {
     fn accept(&mut self, listener: &TcpListener, poll: &Poll) -> anyhow::Result<()> {
         loop {
@@ -231,18 +245,10 @@ impl Floor {
             c.out.extend_from_slice(bytes);
             return;
         }
-        let mut done = 0;
-        while done < bytes.len() {
-            match c.stream.write(&bytes[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    c.dead = true;
-                    return;
-                }
-            }
-        }
+        let Some(done) = write_some(&mut c.stream, bytes) else {
+            c.dead = true;
+            return;
+        };
         if done < bytes.len() {
             c.out.extend_from_slice(&bytes[done..]);
             let _ = poll.registry().reregister(
@@ -257,18 +263,10 @@ impl Floor {
         let Some(c) = self.conns[t].as_mut() else {
             return;
         };
-        let mut done = 0;
-        while done < c.out.len() {
-            match c.stream.write(&c.out[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    c.dead = true;
-                    return;
-                }
-            }
-        }
+        let Some(done) = write_some(&mut c.stream, &c.out) else {
+            c.dead = true;
+            return;
+        };
         c.out.drain(..done);
         if c.out.is_empty() {
             let _ = poll

@@ -73,18 +73,19 @@ impl State {
         self.solo_run >= SOLO_AFTER
     }
 
-    fn started(&mut self, requesters: &[u64]) {
+    /// A flush starts, carrying one request (`Some(who)`) or several (`None`).
+    fn started(&mut self, alone: Option<u64>) {
         self.last_start = Some(Instant::now());
         self.running += 1;
-        match requesters {
-            [one] if *one == self.last_requester => {
+        match alone {
+            Some(who) if who == self.last_requester => {
                 self.solo_run = (self.solo_run + 1).min(SOLO_AFTER)
             }
-            [one] => {
-                self.last_requester = *one;
+            Some(who) => {
+                self.last_requester = who;
                 self.solo_run = 1;
             }
-            _ => self.solo_run = 0,
+            None => self.solo_run = 0,
         }
     }
 }
@@ -155,8 +156,8 @@ fn run(
         let mut waiters = vec![first];
         waiters.extend(rx.try_iter());
         shared.queued.fetch_sub(waiters.len(), Ordering::SeqCst);
-        let requesters: Vec<u64> = waiters.iter().map(|(who, _)| *who).collect();
-        lock(&shared.state).started(&requesters);
+        let alone = (waiters.len() == 1).then_some(waiters[0].0);
+        lock(&shared.state).started(alone);
         let mut result = flush_once(&shared.store, delay);
         for backoff in RETRY_BACKOFF {
             let Err(e) = &result else { break };
@@ -240,7 +241,7 @@ impl Flusher {
             if !alone || st.running > 0 || self.shared.queued.load(Ordering::SeqCst) > 0 {
                 return false;
             }
-            st.started(&[who]);
+            st.started(Some(who));
         }
         let result = flush_once(&self.shared.store, Duration::ZERO);
         lock(&self.shared.state).running -= 1;

@@ -60,8 +60,9 @@ impl DocActor {
         let changed = durable.iter().any(|p| matches!(p, Pending::Update(..)));
         let started = Instant::now();
         self.deliver(durable, ctx);
-        self.delivered_at = Some(Instant::now());
-        self.deliver_took = started.elapsed();
+        let now = Instant::now();
+        self.delivered_at = Some(now);
+        self.deliver_took = now - started;
         if changed {
             self.changed_durably(ctx);
         }
