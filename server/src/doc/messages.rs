@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientMessage, StateVector};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::ws::close::{CloseCode, CloseReason};
@@ -86,7 +86,7 @@ pub enum JoinError {
 #[rtype(result = "Result<(), JoinError>")]
 pub struct Join {
     pub conn: Uuid,
-    pub tx: mpsc::Sender<Outgoing>,
+    pub tx: crate::doc::outbox::Sender<Outgoing>,
     pub kick: Arc<Kick>,
     /// Decided by the connection's token: the document refuses its writes.
     pub read_only: bool,

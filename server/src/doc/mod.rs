@@ -3,4 +3,5 @@
 pub mod actor;
 pub mod flusher;
 pub mod messages;
+pub mod outbox;
 pub mod registry;

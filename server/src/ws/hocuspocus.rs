@@ -26,6 +26,7 @@ use super::upgrade::Upgrades;
 use crate::auth::presented_token;
 use crate::doc::actor::DocActor;
 use crate::doc::messages::{Incoming, Join, Kick, Leave, Outgoing};
+use crate::doc::outbox::outbox;
 use crate::telemetry::{Kind, METRICS};
 
 const SYNC: u32 = 0;
@@ -172,8 +173,7 @@ impl Socket<'_> {
             }
         };
         let conn = Uuid::new_v4();
-        let (tx, mut rx) =
-            mpsc::channel::<Outgoing>(self.up.registry.config().outbound_queue.max(1));
+        let (tx, mut rx) = outbox::<Outgoing>(self.up.registry.config().outbound_queue);
         let member = Join {
             conn,
             tx,

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use actix_web::web::Bytes;
 use collab_crdt::{ClientID, Document};
 use collab_storage::{CompactionPolicy, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
@@ -38,12 +38,13 @@ use super::messages::{
 };
 use super::registry::Registry;
 use crate::cluster::{Backlog, StreamPos};
+use crate::doc::outbox;
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
 use crate::ws::direct::{Direct, Offer};
 
 struct Conn {
-    tx: mpsc::Sender<Outgoing>,
+    tx: outbox::Sender<Outgoing>,
     kick: Arc<Kick>,
     /// Awareness client ids this connection announced; removed when it closes.
     awareness: HashSet<ClientID>,
@@ -194,13 +195,13 @@ impl DocActor {
         }
         match c.tx.try_send(bytes) {
             Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(outbox::TrySendError::Full(_)) => {
                 warn!(doc = %self.name, conn = %conn, "outbound queue full, disconnecting slow client");
                 c.kick
                     .kick(CloseCode::Again, "client too slow, reconnect to resync");
                 self.drop_conn(conn, ctx);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.drop_conn(conn, ctx),
+            Err(outbox::TrySendError::Closed(_)) => self.drop_conn(conn, ctx),
         }
         false
     }
@@ -559,11 +560,7 @@ impl Handler<GetStats> for DocActor {
     fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
         MessageResult(DocStats {
             connections: self.conns.len(),
-            queue_depths: self
-                .conns
-                .values()
-                .map(|c| c.tx.max_capacity() - c.tx.capacity())
-                .collect(),
+            queue_depths: self.conns.values().map(|c| c.tx.queued()).collect(),
         })
     }
 }
