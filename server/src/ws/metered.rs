@@ -7,6 +7,12 @@
 //! connection. When the budget is spent the read waits (TCP pushes back on the sender); a
 //! message that waits longer than [`BUDGET_WAIT`] fails the connection with 1013. The bytes are
 //! given back when the message's last frame has been read.
+//!
+//! It also reads ahead inside a long payload. tungstenite reads at most its read buffer's size
+//! per call, and that buffer is resident in every idle connection, so it is kept small; while a
+//! payload longer than that is arriving, `Metered` reads up to [`READ_AHEAD`] of it per syscall
+//! into a buffer of its own (never past the payload, so never into a frame not yet charged) and
+//! hands it over in tungstenite's pieces. The buffer is freed as soon as it has been handed over.
 
 use std::future::Future;
 use std::io;
@@ -26,6 +32,9 @@ pub const FREE_BYTES: u64 = 64 * 1024;
 
 /// How long one large message may wait for the budget.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// Most payload bytes read from the socket at once when tungstenite asks for less.
+const READ_AHEAD: u64 = 64 * 1024;
 
 /// Budget unit: permits count KiB so that a 4 GiB budget fits a semaphore's u32 requests.
 const UNIT: u64 = 1024;
@@ -85,6 +94,9 @@ pub struct Metered<S> {
     waiting: Option<(Acquire, Pin<Box<Sleep>>)>,
     /// Lingering close: bytes are read and thrown away, without the budget.
     draining: bool,
+    /// Payload bytes read from the socket and not yet handed to the reader, from `ahead_at`.
+    ahead: Vec<u8>,
+    ahead_at: usize,
 }
 
 fn header_len(first_two: &[u8]) -> usize {
@@ -121,6 +133,8 @@ impl<S> Metered<S> {
             held: None,
             waiting: None,
             draining: false,
+            ahead: Vec::new(),
+            ahead_at: 0,
         };
         m.follow(already_read);
         m
@@ -267,13 +281,50 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.ahead_at < this.ahead.len() {
+            this.hand_over(buf);
+            return Poll::Ready(Ok(()));
+        }
         if let Err(e) = std::task::ready!(this.poll_budget(cx)) {
             return Poll::Ready(Err(e));
+        }
+        let payload_left = match this.frame {
+            Frame::Payload { left, .. } if !this.draining => left,
+            _ => 0,
+        };
+        if payload_left > buf.remaining() as u64 {
+            let mut chunk = vec![0u8; payload_left.min(READ_AHEAD) as usize];
+            let mut into = ReadBuf::new(&mut chunk);
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut into))?;
+            let n = into.filled().len();
+            chunk.truncate(n);
+            this.ahead = chunk;
+            this.ahead_at = 0;
+            this.hand_over(buf);
+            return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         this.follow(&buf.filled()[before..]);
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<S> Metered<S> {
+    /// Moves read-ahead bytes into `buf` (none at the end of the stream), and frees the
+    /// read-ahead buffer once it is empty.
+    fn hand_over(&mut self, buf: &mut ReadBuf<'_>) {
+        let ahead = std::mem::take(&mut self.ahead);
+        let n = buf.remaining().min(ahead.len() - self.ahead_at);
+        let part = &ahead[self.ahead_at..self.ahead_at + n];
+        buf.put_slice(part);
+        self.follow(part);
+        self.ahead_at += n;
+        if self.ahead_at < ahead.len() {
+            self.ahead = ahead;
+        } else {
+            self.ahead_at = 0;
+        }
     }
 }
 
@@ -365,6 +416,58 @@ mod tests {
             1024 * 1024,
             "given back when the message ends"
         );
+    }
+
+    /// A socket that has `data` ready and counts the reads.
+    struct Socket {
+        data: Vec<u8>,
+        at: usize,
+        reads: usize,
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = buf.remaining().min(self.data.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            self.reads += 1;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_payload_is_read_ahead_in_few_syscalls_and_the_buffer_is_freed() {
+        use tokio::io::AsyncReadExt;
+        let mut stream = frame(2, true, 300 * 1024);
+        let big = stream.len();
+        stream.extend(frame(2, true, 10));
+        let socket = Socket {
+            data: stream.clone(),
+            at: 0,
+            reads: 0,
+        };
+        let mut m = Metered::new(socket, IncomingBudget::new(1 << 30), &[]);
+        // tungstenite's pieces: 256 bytes at most.
+        let mut got = Vec::new();
+        let mut piece = [0u8; 256];
+        while got.len() < big {
+            let n = m.read(&mut piece).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert!(got == stream[..big], "bytes not handed over in order");
+        assert!(m.get_ref().reads <= 10, "{} reads", m.get_ref().reads);
+        assert_eq!(m.ahead.capacity(), 0, "read-ahead buffer kept");
+        assert_eq!(m.get_ref().at, big, "read past the payload");
+        assert!(m.held.is_none(), "budget still held after the message");
+        let n = m.read(&mut piece).await.unwrap();
+        assert_eq!(&piece[..n], &stream[big..]);
+        assert_eq!(m.read(&mut piece).await.unwrap(), 0, "end of stream");
     }
 
     #[test]

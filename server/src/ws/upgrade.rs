@@ -253,11 +253,11 @@ pub async fn upgrade<T: Io>(
     let parts = framed.into_parts();
     let max = up.registry.config().max_message_size;
     // A small read buffer: tungstenite zero-fills its whole capacity, so its 128 KiB default
-    // would be resident for every idle connection. Typical messages (an edit, a cursor) are far
-    // smaller; a big frame grows the buffer to its announced length and is read 1 KiB per
-    // syscall (about 1 ms per MB, paid only by the rare big message).
+    // would be resident for every idle connection. An edit or a cursor fits in 256 bytes; a
+    // longer payload is read 64 KiB per syscall by `Metered`'s read-ahead and handed over in
+    // 256-byte pieces.
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
