@@ -196,7 +196,8 @@ struct Input<'a> {
     conn: Uuid,
     kick: &'a Kick,
     awaiting_pong: bool,
-    rate: RateLimit,
+    /// The block's own, borrowed: moved into this struct it would be stored twice.
+    rate: &'a mut RateLimit,
     direct: Option<Arc<Direct>>,
 }
 
@@ -343,7 +344,7 @@ pub fn run<T: Transport>(
     let config = registry.config();
     let queue = config.outbound_queue.max(1);
     let heartbeat_every = config.heartbeat();
-    let rate = RateLimit::new(
+    let mut rate = RateLimit::new(
         config.rate_limit_messages,
         config.rate_limit_bytes,
         Duration::from_secs(config.rate_limit_burst_secs),
@@ -389,7 +390,7 @@ pub fn run<T: Transport>(
             kick: &kick,
             awaiting_pong: false,
             direct: direct.clone(),
-            rate,
+            rate: &mut rate,
         };
         // Created once: re-creating it each turn would re-register with the Notify every time.
         let kicked = kick.kicked();
@@ -429,7 +430,8 @@ pub fn run<T: Transport>(
                     step = write_queued(&mut ws, &mut rx, bytes, direct.as_deref()) => step,
                     why = &mut kicked => close_with(why),
                 },
-                Event::In(msg) => handle_input(msg, &mut ws, &mut input).await,
+                // Boxed: awaiting the actor's answer is the largest state and this task is resident.
+                Event::In(msg) => Box::pin(handle_input(msg, &mut ws, &mut input)).await,
                 Event::Resume => Step::Continue,
                 Event::Heartbeat => {
                     if input.awaiting_pong {
@@ -523,8 +525,8 @@ mod tests {
     #[test]
     fn a_session_task_stays_small() {
         let size = returned_size(run::<super::super::io::Ws<tokio::net::TcpStream>>);
-        // 1,744 bytes now; 3,664 as an `async fn` holding a copy of the config. A new value
+        // 1,624 bytes now; 3,664 as an `async fn` holding a copy of the config. A new value
         // held across an `.await` shows up here: keep it out of the loop or box it.
-        assert!(size <= 1800, "session future: {size} bytes");
+        assert!(size <= 1700, "session future: {size} bytes");
     }
 }
