@@ -508,10 +508,7 @@ pub fn url_token(query: &str, authorization: Option<&str>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    /// The size of the future `f` returns, without building its arguments.
-    fn returned_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use super::super::session::tests::returned_size;
 
     /// Resident for every open Hocuspocus socket, like a y-websocket session's task.
     #[test]

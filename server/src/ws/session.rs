@@ -487,17 +487,14 @@ pub fn run<T: Transport>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The size of the future `f` returns, without building its arguments.
-    fn returned_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
+    pub(crate) fn returned_size<A, B, C, D, F>(_: impl Fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
-    /// A session's future is the task that stays resident for every open connection (10,000
-    /// idle connections hold 10,000 of them), so its size is the bulk of the per-connection
-    /// memory the server itself controls.
     #[test]
     fn deadlines_come_due_in_turn_on_one_timer() {
         let t0 = TokioInstant::now();
@@ -522,6 +519,9 @@ mod tests {
         assert_eq!(never.next(), t0 + every);
     }
 
+    /// A session's future is the task that stays resident for every open connection (10,000
+    /// idle connections hold 10,000 of them), so its size is the bulk of the per-connection
+    /// memory the server itself controls.
     #[test]
     fn a_session_task_stays_small() {
         let size = returned_size(run::<super::super::io::Ws<tokio::net::TcpStream>>);
