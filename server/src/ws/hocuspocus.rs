@@ -386,12 +386,7 @@ pub fn run<T: Transport>(
     let config = up.registry.config();
     let queue = config.outbound_queue.max(1);
     let heartbeat_every = config.heartbeat();
-    let rate = RateLimit::new(
-        config.rate_limit_messages,
-        config.rate_limit_bytes,
-        std::time::Duration::from_secs(config.rate_limit_burst_secs),
-        std::time::Duration::from_secs(config.rate_limit_grace_secs),
-    );
+    let rate = RateLimit::for_connection(config);
     async move {
         info!(
             peer = %peer.map_or_else(String::new, |p| p.to_string()),

@@ -293,13 +293,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
             _ => 0,
         };
         if payload_left > buf.remaining() as u64 {
-            let mut chunk = vec![0u8; payload_left.min(READ_AHEAD) as usize];
+            // The buffer is kept while the payload lasts, a read that would block included, so
+            // a slow sender costs one allocation per payload rather than one per wake-up.
+            let mut chunk = std::mem::take(&mut this.ahead);
+            chunk.resize(payload_left.min(READ_AHEAD) as usize, 0);
             let mut into = ReadBuf::new(&mut chunk);
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut into))?;
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut into);
             let n = into.filled().len();
             chunk.truncate(n);
             this.ahead = chunk;
             this.ahead_at = 0;
+            std::task::ready!(polled)?;
             this.hand_over(buf);
             return Poll::Ready(Ok(()));
         }
@@ -312,18 +316,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
 
 impl<S> Metered<S> {
     /// Moves read-ahead bytes into `buf` (none at the end of the stream), and frees the
-    /// read-ahead buffer once it is empty.
+    /// read-ahead buffer once the payload it belongs to has been handed over.
     fn hand_over(&mut self, buf: &mut ReadBuf<'_>) {
-        let ahead = std::mem::take(&mut self.ahead);
+        let mut ahead = std::mem::take(&mut self.ahead);
         let n = buf.remaining().min(ahead.len() - self.ahead_at);
         let part = &ahead[self.ahead_at..self.ahead_at + n];
         buf.put_slice(part);
         self.follow(part);
         self.ahead_at += n;
-        if self.ahead_at < ahead.len() {
-            self.ahead = ahead;
-        } else {
+        if self.ahead_at == ahead.len() {
             self.ahead_at = 0;
+            ahead.clear();
+        }
+        if !ahead.is_empty() || matches!(self.frame, Frame::Payload { .. }) {
+            self.ahead = ahead;
         }
     }
 }

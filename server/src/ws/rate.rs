@@ -76,6 +76,16 @@ impl RateLimit {
         }
     }
 
+    /// A connection's limits as configured (`--rate-limit-*`).
+    pub fn for_connection(config: &crate::config::Config) -> Self {
+        RateLimit::new(
+            config.rate_limit_messages,
+            config.rate_limit_bytes,
+            Duration::from_secs(config.rate_limit_burst_secs),
+            Duration::from_secs(config.rate_limit_grace_secs),
+        )
+    }
+
     /// Accounts for `messages` received and `bytes` received or caused (sync answers).
     pub fn spend(&mut self, messages: usize, bytes: usize, now: Instant) -> Verdict {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

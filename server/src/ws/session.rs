@@ -342,14 +342,9 @@ pub fn run<T: Transport>(
     );
     let (read_only, expires_at) = (access.read_only, access.expires_at);
     let config = registry.config();
-    let queue = config.outbound_queue.max(1);
+    let queue = config.outbound_queue;
     let heartbeat_every = config.heartbeat();
-    let mut rate = RateLimit::new(
-        config.rate_limit_messages,
-        config.rate_limit_bytes,
-        Duration::from_secs(config.rate_limit_burst_secs),
-        Duration::from_secs(config.rate_limit_grace_secs),
-    );
+    let mut rate = RateLimit::for_connection(config);
     async move {
         let (tx, mut rx) = outbox::outbox::<Outgoing>(queue);
         let kick = Arc::new(Kick::default());
