@@ -115,8 +115,9 @@ pub struct Config {
     #[arg(long, env = "COLLAB_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
 
-    /// Folder of the sled database (also the folder the data tools `docs`, `backup`,
-    /// `restore` and `check` work on).
+    /// Storage folder: the sled database (metadata), `snapshots/`, `versions/` and the
+    /// write-ahead log `wal/` (also the folder the data tools `docs`, `backup`, `restore` and
+    /// `check` work on).
     #[arg(long, env = "COLLAB_DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
 

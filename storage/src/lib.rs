@@ -6,15 +6,16 @@
 //! so any Yjs tool can read them back; only the metadata record goes through bincode.
 //!
 //! The log lives in its own segment files (`wal/`), each record with a CRC32, made durable by
-//! one `fdatasync` per flush; sled keeps the snapshots (in chunks small enough to stay inside its
-//! log, never as separate blob files) and their metadata. The log also records which snapshot
-//! sled must hold for each document, so damage to either side is found rather than silently
-//! turned into a smaller database.
+//! one `fdatasync` per flush; each snapshot is a file of its own (`snapshots/`), named by its
+//! metadata in sled, which also keeps the versions. The log also records which snapshot each
+//! document must have (its length and CRC32), so damage to either side is found rather than
+//! silently turned into a smaller database.
 
 mod record;
 mod recovery;
 mod segment;
 mod sled_store;
+mod state_files;
 mod wal;
 
 use serde::{Deserialize, Serialize};
@@ -23,8 +24,9 @@ use thiserror::Error;
 pub use sled_store::SledStore;
 
 /// Version of the on-disk layout, recorded in every document's metadata. Version 1 kept the log
-/// in sled and the snapshot as one value; opening such a folder converts it.
-pub const FORMAT_VERSION: u32 = 2;
+/// in sled and the snapshot as one value, version 2 the snapshot in sled in chunks; opening such a
+/// folder converts it.
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -60,8 +62,9 @@ pub struct DocMeta {
     pub compactions: u64,
     /// CRC32 of the whole snapshot, checked on every load.
     pub snapshot_crc32: u32,
-    /// Number of sled values the snapshot is split into.
-    pub snapshot_chunks: u32,
+    /// Id of the snapshot's file (`snapshots/<id as 16 hex digits>.ydoc`); a new one per
+    /// compaction.
+    pub snapshot_file: u64,
 }
 
 /// One stored version of a document (bincode-encoded beside its state).

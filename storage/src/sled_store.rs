@@ -2,33 +2,28 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use sled::{Batch, Db};
-use tracing::info;
+use tracing::warn;
 
 use crate::recovery::Mark;
+use crate::state_files::StateFiles;
 use crate::wal::Wal;
 use crate::{Damage, DocMeta, DocStats, Store, StoreError, StoredDoc, VersionMeta, FORMAT_VERSION};
 
 // One sled tree. Keys: a record kind byte, the document name length-prefixed (so one name is
-// never a prefix of another's keys), then for chunks the big-endian chunk index so that sled's
-// key order is the snapshot's byte order.
+// never a prefix of another's keys), then for a version its big-endian id (and for format 2's
+// chunks their big-endian index, so that sled's key order was the state's byte order).
 const META: u8 = b'm';
-const CHUNK: u8 = b'c';
 // Versions beside the document, under the same name so a delete removes them together: its
-// version counter, each version's description, and each version's state in chunks (key: name,
-// u64 BE id, u32 BE chunk). Versions are whole states, so compaction never touches them.
+// version counter and each version's record (key: name, u64 BE id). Versions are whole states,
+// so compaction never touches them.
 const VERSION_COUNTER: u8 = b'n';
 const VERSION_META: u8 = b'V';
-const VERSION_CHUNK: u8 = b'v';
-// Format 1 kept the snapshot as one value and the log in sled; read only to convert.
+// Format 1 kept the snapshot as one value and the log in sled, format 2 the snapshot in chunks;
+// read only to convert.
 const V1_SNAPSHOT: u8 = b's';
 const V1_LOG: u8 = b'u';
-
-/// Sled writes any page larger than a quarter of its 512 KiB segment to a separate blob file,
-/// rewritten whole on every change and leaked when the process dies at the wrong moment. A leaf
-/// holds up to 17 entries before it splits, so 4 KiB chunks keep every page far below that.
-const CHUNK_SIZE: usize = 4096;
+const V2_CHUNK: u8 = b'c';
 
 fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
     let len = u16::try_from(doc.len()).map_err(|_| StoreError::NameTooLong(doc.len()))?;
@@ -36,25 +31,6 @@ fn doc_key(kind: u8, doc: &str) -> Result<Vec<u8>, StoreError> {
     key.push(kind);
     key.extend_from_slice(&len.to_be_bytes());
     key.extend_from_slice(doc.as_bytes());
-    Ok(key)
-}
-
-fn version_chunk_key(doc: &str, id: u64, index: u32) -> Result<Vec<u8>, StoreError> {
-    let mut key = doc_key(VERSION_CHUNK, doc)?;
-    key.extend_from_slice(&id.to_be_bytes());
-    key.extend_from_slice(&index.to_be_bytes());
-    Ok(key)
-}
-
-fn decode_version(doc: &str, raw: &[u8]) -> Result<VersionMeta, StoreError> {
-    bincode::serde::decode_from_slice(raw, bincode_config())
-        .map(|(v, _)| v)
-        .map_err(|e| corrupt(doc, format!("version record: {e}")))
-}
-
-fn chunk_key(doc: &str, index: u32) -> Result<Vec<u8>, StoreError> {
-    let mut key = doc_key(CHUNK, doc)?;
-    key.extend_from_slice(&index.to_be_bytes());
     Ok(key)
 }
 
@@ -115,17 +91,6 @@ fn encode_meta(meta: &DocMeta) -> Vec<u8> {
     bincode::serde::encode_to_vec(meta, bincode_config()).expect("DocMeta encodes")
 }
 
-/// The metadata record of format 1.
-#[derive(Deserialize, Serialize)]
-struct DocMetaV1 {
-    format_version: u32,
-    created_at_ms: u64,
-    snapshot_upto: u64,
-    snapshot_bytes: u64,
-    snapshot_at_ms: u64,
-    compactions: u64,
-}
-
 fn mark_of(meta: &DocMeta) -> Mark {
     Mark {
         upto: meta.snapshot_upto,
@@ -134,11 +99,13 @@ fn mark_of(meta: &DocMeta) -> Mark {
     }
 }
 
-/// The embedded default store: a folder holding a sled database (snapshots and metadata) and
-/// the write-ahead log in `wal/`.
+/// The embedded default store: a folder holding a sled database (metadata), the snapshots in
+/// `snapshots/`, the versions in `versions/` and the write-ahead log in `wal/`.
 pub struct SledStore {
     db: Db,
     wal: Wal,
+    snapshot_files: StateFiles,
+    version_files: StateFiles,
     /// When each document was last appended to by this process (for listings).
     touched: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Found damaged when opened: never served.
@@ -153,7 +120,7 @@ impl SledStore {
         let path = path.as_ref();
         let db = sled::Config::new()
             .path(path)
-            // Sled only holds snapshots now, each flushed by its compaction; a timer flush
+            // Sled only holds metadata, each record flushed by its writer; a timer flush
             // would only add fsyncs that nobody waits for.
             .flush_every_ms(None)
             .open()?;
@@ -161,11 +128,17 @@ impl SledStore {
         let mut store = SledStore {
             db,
             wal,
+            snapshot_files: StateFiles::open(&path.join("snapshots"))?,
+            version_files: StateFiles::open(&path.join("versions"))?,
             touched: Default::default(),
             damaged: BTreeMap::new(),
             opened_damage: Vec::new(),
         };
         store.convert_format_1()?;
+        store.convert_format_2()?;
+        store.convert_version_chunks()?;
+        store.sweep_snapshots()?;
+        store.sweep_versions()?;
         damage.extend(store.cross_check(false)?);
         store.wal.flush()?;
         damage.sort();
@@ -184,31 +157,49 @@ impl SledStore {
         &self.opened_damage
     }
 
-    /// Bytes the store occupies on disk: sled's files and the log's segments.
+    /// Bytes the store occupies on disk: sled's files, the snapshots, the versions and the log's
+    /// segments.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()? + self.wal.size().0)
+        Ok(self.db.size_on_disk()?
+            + self.snapshot_files.size()?
+            + self.version_files.size()?
+            + self.wal.size().0)
+    }
+
+    /// Where `doc`'s snapshot is kept, if it has one (for operators and tests).
+    pub fn snapshot_path(&self, doc: &str) -> Result<Option<std::path::PathBuf>, StoreError> {
+        Ok(self
+            .meta(doc)?
+            .map(|m| self.snapshot_files.path(m.snapshot_file)))
     }
 
     fn read_snapshot(&self, doc: &str, meta: &DocMeta) -> Result<Vec<u8>, StoreError> {
-        let mut snapshot = Vec::with_capacity(meta.snapshot_bytes as usize);
-        let mut chunks = 0u32;
-        for item in self.db.scan_prefix(doc_key(CHUNK, doc)?) {
-            let (_, value) = item?;
-            snapshot.extend_from_slice(&value);
-            chunks += 1;
-        }
-        if chunks != meta.snapshot_chunks
-            || snapshot.len() as u64 != meta.snapshot_bytes
+        let path = self.snapshot_files.path(meta.snapshot_file);
+        let Some(snapshot) = self
+            .snapshot_files
+            .read(meta.snapshot_file, meta.snapshot_bytes)?
+        else {
+            return Err(corrupt(
+                doc,
+                format!("its snapshot file {} is missing", path.display()),
+            ));
+        };
+        if snapshot.len() as u64 != meta.snapshot_bytes
             || crc32fast::hash(&snapshot) != meta.snapshot_crc32
         {
             return Err(corrupt(
                 doc,
                 format!(
-                    "snapshot of {} bytes in {chunks} chunks does not match its metadata ({} bytes, \
-                     {} chunks, CRC32 {:08x})",
+                    "snapshot file {} ({}{} bytes) does not match its metadata ({} bytes, CRC32 \
+                     {:08x})",
+                    path.display(),
+                    if snapshot.len() as u64 > meta.snapshot_bytes {
+                        "over "
+                    } else {
+                        ""
+                    },
                     snapshot.len(),
                     meta.snapshot_bytes,
-                    meta.snapshot_chunks,
                     meta.snapshot_crc32
                 ),
             ));
@@ -216,10 +207,29 @@ impl SledStore {
         Ok(snapshot)
     }
 
-    /// Checks sled's snapshots against what the log records of them, and that each document's
-    /// log continues exactly where its snapshot ends. On open (`deep == false`) it also
-    /// re-records a snapshot that sled holds but the log does not know of yet (the process died
-    /// between the two writes). `deep` also reads every snapshot and log entry.
+    /// Removes snapshot files no metadata names (left by a crash mid-compaction). Skipped while
+    /// any metadata record is unreadable: its file may be the one a repair needs.
+    fn sweep_snapshots(&self) -> Result<(), StoreError> {
+        let mut keep = std::collections::HashSet::new();
+        for item in self.db.scan_prefix([META]) {
+            let (key, raw) = item?;
+            let doc = name_of(&key).unwrap_or_default();
+            match decode_meta(&doc, &raw) {
+                Ok(meta) => keep.insert(meta.snapshot_file),
+                Err(e) => {
+                    warn!(doc = %doc, error = %e, "stray snapshot files kept: a metadata record is unreadable");
+                    return Ok(());
+                }
+            };
+        }
+        self.snapshot_files.sweep(&keep).map(drop)
+    }
+
+    /// Checks the snapshots sled's metadata names against what the log records of them, and that
+    /// each document's log continues exactly where its snapshot ends. On open (`deep == false`)
+    /// it also re-records a snapshot that sled names but the log does not know of yet (the
+    /// process died between the two writes) and checks each snapshot file's size. `deep` reads
+    /// every snapshot and log entry.
     fn cross_check(&self, deep: bool) -> Result<Vec<Damage>, StoreError> {
         let mut damage = Vec::new();
         let mut report = |doc: &str, what: String| {
@@ -255,7 +265,7 @@ impl SledStore {
                     report(
                         &name,
                         format!(
-                            "sled lost the snapshot up to {} that the log records",
+                            "sled lost the metadata of the snapshot up to {} that the log records",
                             m.upto
                         ),
                     );
@@ -293,6 +303,25 @@ impl SledStore {
                 if let Err(e) = self.load_unchecked(&name) {
                     report(&name, e.to_string());
                 }
+            } else if let Some(meta) = &meta {
+                // Reading every snapshot would make start-up as slow as `check`; a missing or
+                // truncated file is found by its size, a changed byte when it is read.
+                let path = self.snapshot_files.path(meta.snapshot_file);
+                match self.snapshot_files.len(meta.snapshot_file) {
+                    Some(len) if len == meta.snapshot_bytes => {}
+                    Some(len) => report(
+                        &name,
+                        format!(
+                            "its snapshot file {} holds {len} of its {} bytes",
+                            path.display(),
+                            meta.snapshot_bytes
+                        ),
+                    ),
+                    None => report(
+                        &name,
+                        format!("its snapshot file {} is missing", path.display()),
+                    ),
+                }
             }
         }
         damage.extend(unattributed);
@@ -326,69 +355,8 @@ impl SledStore {
         })
     }
 
-    /// Moves documents stored by format 1 into this layout: log entries into the write-ahead
-    /// log, the snapshot into chunks. Safe to repeat if interrupted: a document is converted by
-    /// one sled batch, and log entries appended twice are the same entries.
-    fn convert_format_1(&self) -> Result<(), StoreError> {
-        let mut old = Vec::new();
-        for item in self.db.scan_prefix([META]) {
-            let (key, raw) = item?;
-            if format_of(&raw) == Some(1) {
-                let name = name_of(&key).ok_or_else(|| corrupt("?", "metadata key"))?;
-                let (meta, _): (DocMetaV1, usize) =
-                    bincode::serde::decode_from_slice(&raw, bincode_config())
-                        .map_err(|e| corrupt(&name, format!("format 1 metadata: {e}")))?;
-                old.push((name, meta));
-            }
-        }
-        for (doc, v1) in &old {
-            let mut batch = Batch::default();
-            let prefix = doc_key(V1_LOG, doc)?;
-            for item in self.db.scan_prefix(&prefix) {
-                let (key, value) = item?;
-                let seq = key[prefix.len()..]
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| corrupt(doc, "format 1 log key"))?;
-                self.wal.append_update(doc, seq, &value)?;
-                batch.remove(key);
-            }
-            self.wal.flush()?;
-            let snapshot_key = doc_key(V1_SNAPSHOT, doc)?;
-            let snapshot = self.db.get(&snapshot_key)?;
-            batch.remove(snapshot_key);
-            batch.remove(doc_key(META, doc)?);
-            let meta = match &snapshot {
-                Some(s) => {
-                    let staged = self.stage_snapshot(&mut batch, doc, s, v1.snapshot_upto, None)?;
-                    let meta = DocMeta {
-                        created_at_ms: v1.created_at_ms,
-                        compactions: v1.compactions,
-                        ..staged
-                    };
-                    batch.insert(doc_key(META, doc)?, encode_meta(&meta));
-                    Some(meta)
-                }
-                None => None,
-            };
-            self.db.apply_batch(batch)?;
-            self.db.flush()?;
-            if let Some(meta) = meta {
-                self.wal.append_snapshot(doc, mark_of(&meta))?;
-            }
-        }
-        if !old.is_empty() {
-            self.wal.flush()?;
-            info!(
-                documents = old.len(),
-                "converted stored documents from format 1"
-            );
-        }
-        Ok(())
-    }
-
-    /// Adds the chunks and metadata of a new snapshot to `batch`, removing chunks of the old one
-    /// that the new one does not overwrite.
+    /// Writes a new snapshot's file, durably, and adds its metadata to `batch`. The file the
+    /// previous metadata names is the caller's to remove once the batch is durable.
     fn stage_snapshot(
         &self,
         batch: &mut Batch,
@@ -398,7 +366,6 @@ impl SledStore {
         previous: Option<&DocMeta>,
     ) -> Result<DocMeta, StoreError> {
         let now = now_ms();
-        let chunks = snapshot.chunks(CHUNK_SIZE).count() as u32;
         let meta = DocMeta {
             format_version: FORMAT_VERSION,
             created_at_ms: previous.map_or(now, |m| m.created_at_ms),
@@ -407,18 +374,11 @@ impl SledStore {
             snapshot_at_ms: now,
             compactions: previous.map_or(0, |m| m.compactions) + 1,
             snapshot_crc32: crc32fast::hash(snapshot),
-            snapshot_chunks: chunks,
+            snapshot_file: self.db.generate_id()?,
         };
-        for (i, chunk) in snapshot.chunks(CHUNK_SIZE).enumerate() {
-            batch.insert(chunk_key(doc, i as u32)?, chunk);
-        }
-        let prefix = doc_key(CHUNK, doc)?;
-        let mut end = prefix.clone();
-        end.extend_from_slice(&[0xff; 5]);
-        for item in self.db.range(chunk_key(doc, chunks)?..end) {
-            batch.remove(item?.0);
-        }
-        batch.insert(doc_key(META, doc)?, encode_meta(&meta));
+        let key = doc_key(META, doc)?;
+        self.snapshot_files.write(meta.snapshot_file, snapshot)?;
+        batch.insert(key, encode_meta(&meta));
         Ok(meta)
     }
 }
@@ -453,7 +413,11 @@ impl Store for SledStore {
         self.db.apply_batch(batch)?;
         // The log may drop entries only once the snapshot replacing them is durable.
         self.db.flush()?;
-        self.wal.append_snapshot(doc, mark_of(&meta))
+        self.wal.append_snapshot(doc, mark_of(&meta))?;
+        if let Some(previous) = previous {
+            self.snapshot_files.remove(previous.snapshot_file);
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -478,21 +442,22 @@ impl Store for SledStore {
 
     fn delete(&self, doc: &str) -> Result<bool, StoreError> {
         let meta_key = doc_key(META, doc)?;
+        // A record too damaged to read still goes; its file is left to the sweep at open.
+        let meta = self.meta(doc).ok().flatten();
         let existed = self.db.contains_key(&meta_key)? || self.wal.documents().contains_key(doc);
         let mut batch = Batch::default();
         batch.remove(meta_key);
-        batch.remove(doc_key(VERSION_COUNTER, doc)?);
-        for kind in [CHUNK, VERSION_META, VERSION_CHUNK] {
-            for item in self.db.scan_prefix(doc_key(kind, doc)?) {
-                batch.remove(item?.0);
-            }
-        }
+        let versions_gone = self.stage_versions_removal(&mut batch, doc)?;
         self.db.apply_batch(batch)?;
         if let Ok(mut touched) = self.touched.lock() {
             touched.remove(doc);
         }
         self.db.flush()?;
         self.wal.append_delete(doc)?;
+        if let Some(meta) = meta {
+            self.snapshot_files.remove(meta.snapshot_file);
+        }
+        self.remove_version_files(&versions_gone);
         Ok(existed)
     }
 
@@ -519,82 +484,35 @@ impl Store for SledStore {
     }
 
     fn put_version(&self, doc: &str, label: &str, state: &[u8]) -> Result<VersionMeta, StoreError> {
-        // An atomic increment, so concurrent requests for one document never share an id.
-        let counter = self
-            .db
-            .update_and_fetch(doc_key(VERSION_COUNTER, doc)?, |old| {
-                let n = old
-                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some((n + 1).to_be_bytes().to_vec())
-            })?;
-        let id = counter
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .ok_or_else(|| corrupt(doc, "version counter of the wrong size"))?;
-        let version = VersionMeta {
-            id,
-            label: label.to_owned(),
-            created_at_ms: now_ms(),
-            size: state.len() as u64,
-        };
-        let record = bincode::serde::encode_to_vec(&version, bincode_config())
-            .map_err(|e| corrupt(doc, format!("version record: {e}")))?;
-        let mut batch = Batch::default();
-        let mut meta_key = doc_key(VERSION_META, doc)?;
-        meta_key.extend_from_slice(&id.to_be_bytes());
-        batch.insert(meta_key, record);
-        // Chunked like snapshots, so a large version never becomes a sled blob file.
-        for (i, chunk) in state.chunks(CHUNK_SIZE).enumerate() {
-            batch.insert(version_chunk_key(doc, id, i as u32)?, chunk);
-        }
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
-        Ok(version)
+        self.write_version(doc, label, state)
     }
 
     fn versions(&self, doc: &str) -> Result<Vec<VersionMeta>, StoreError> {
-        self.db
-            .scan_prefix(doc_key(VERSION_META, doc)?)
-            .map(|item| decode_version(doc, &item?.1))
-            .collect()
+        self.list_versions(doc)
     }
 
     fn version(&self, doc: &str, id: u64) -> Result<Option<(VersionMeta, Vec<u8>)>, StoreError> {
-        let mut meta_key = doc_key(VERSION_META, doc)?;
-        meta_key.extend_from_slice(&id.to_be_bytes());
-        let Some(raw) = self.db.get(meta_key)? else {
-            return Ok(None);
-        };
-        let meta = decode_version(doc, &raw)?;
-        let mut prefix = doc_key(VERSION_CHUNK, doc)?;
-        prefix.extend_from_slice(&id.to_be_bytes());
-        let mut state = Vec::with_capacity(meta.size as usize);
-        for item in self.db.scan_prefix(prefix) {
-            state.extend_from_slice(&item?.1);
-        }
-        if state.len() as u64 != meta.size {
-            return Err(corrupt(
-                doc,
-                format!(
-                    "version {id} holds {} of its {} bytes",
-                    state.len(),
-                    meta.size
-                ),
-            ));
-        }
-        Ok(Some((meta, state)))
+        self.read_version(doc, id)
     }
 
     fn check(&self) -> Result<Vec<Damage>, StoreError> {
         let mut damage = self.wal.check()?;
         damage.extend(self.cross_check(true)?);
+        damage.extend(self.check_versions()?);
         damage.sort();
         damage.dedup();
         Ok(damage)
     }
 }
 
+#[path = "sled_store_convert.rs"]
+mod convert;
+#[path = "sled_store_versions.rs"]
+mod versions;
+
+#[cfg(test)]
+#[path = "sled_store_convert_tests.rs"]
+mod convert_tests;
 #[cfg(test)]
 #[path = "sled_store_tests.rs"]
 mod tests;

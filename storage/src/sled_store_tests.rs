@@ -20,7 +20,7 @@ fn wal_bytes(dir: &Path) -> u64 {
 
 /// Opens the store again; sled's background threads let go of the folder's lock a moment after
 /// the previous handle is dropped.
-fn reopen(dir: &Path) -> SledStore {
+pub(super) fn reopen(dir: &Path) -> SledStore {
     for _ in 0..100 {
         match SledStore::open(dir) {
             Err(StoreError::Backend(sled::Error::Io(e))) if e.to_string().contains("lock") => {
@@ -32,7 +32,7 @@ fn reopen(dir: &Path) -> SledStore {
     panic!("the store stayed locked")
 }
 
-fn names(damage: &[Damage]) -> Vec<&str> {
+pub(super) fn names(damage: &[Damage]) -> Vec<&str> {
     let mut v: Vec<&str> = damage.iter().filter_map(|d| d.doc.as_deref()).collect();
     v.dedup();
     v
@@ -251,13 +251,124 @@ fn a_snapshot_sled_lost_is_reported_by_document() {
     assert!(store.load("doc").is_err());
     assert_eq!(store.load("other").unwrap().snapshot.unwrap(), vec![2; 100]);
 
-    // A damaged chunk is caught by its CRC when read.
+    // A damaged snapshot file is caught by its CRC when read, a missing one by its absence.
+    let path = store.snapshot_path("other").unwrap().unwrap();
+    std::fs::write(&path, [3; 100]).unwrap();
+    let err = store.load("other").unwrap_err().to_string();
+    assert!(err.contains("does not match its metadata"), "{err}");
+    store.append("third", 0, b"z").unwrap();
+    store.compact("third", &[4; 10], 1).unwrap();
+    std::fs::remove_file(store.snapshot_path("third").unwrap().unwrap()).unwrap();
+    let err = store.load("third").unwrap_err().to_string();
+    assert!(err.contains("is missing"), "{err}");
+    assert_eq!(
+        names(&store.check().unwrap()),
+        vec!["doc", "other", "third"]
+    );
+    // At start-up a missing or truncated file is found by its size; a changed byte only when
+    // read, which `check` does.
+    drop(store);
+    let store = reopen(dir.path());
+    assert_eq!(names(store.damage_at_open()), vec!["doc", "third"]);
+    assert_eq!(
+        names(&store.check().unwrap()),
+        vec!["doc", "other", "third"]
+    );
+}
+
+#[test]
+fn a_snapshot_is_a_plain_file_replaced_whole_and_removed_with_its_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.append("doc", 0, b"x").unwrap();
+    store.compact("doc", &[1; 300_000], 1).unwrap();
+    let first = store.snapshot_path("doc").unwrap().unwrap();
+    // The file holds exactly the compacted update, so any Yjs tool can read it.
+    assert_eq!(std::fs::read(&first).unwrap(), vec![1; 300_000]);
+    assert!(first.starts_with(dir.path().join("snapshots")));
+    // Sled holds none of it, only the metadata naming it.
+    let in_sled: usize = store.db.iter().map(|kv| kv.unwrap().1.len()).sum();
+    assert!(in_sled < 200, "sled holds {in_sled} bytes");
+    assert!(store.size_on_disk().unwrap() >= 300_000);
+
+    store.compact("doc", b"smaller", 1).unwrap();
+    let second = store.snapshot_path("doc").unwrap().unwrap();
+    assert_ne!(first, second);
+    assert!(!first.exists(), "the replaced snapshot's file is removed");
+    assert_eq!(std::fs::read(&second).unwrap(), b"smaller");
+    assert_eq!(store.load("doc").unwrap().snapshot.unwrap(), b"smaller");
+
+    assert!(store.delete("doc").unwrap());
+    assert!(
+        !second.exists(),
+        "a deleted document's snapshot file is removed"
+    );
+    assert_eq!(snapshot_files(dir.path()), Vec::<String>::new());
+}
+
+pub(super) fn sled_holds_no_chunk(store: &SledStore) -> bool {
+    store.db.scan_prefix([V2_CHUNK]).next().is_none()
+}
+
+fn snapshot_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn files_a_crash_left_unnamed_are_removed_at_open_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let kept;
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.append("doc", 0, b"x").unwrap();
+        store.compact("doc", b"snap", 1).unwrap();
+        store.flush().unwrap();
+        kept = store.snapshot_path("doc").unwrap().unwrap();
+        // Written, but the process died before its metadata was: nobody names it.
+        store
+            .snapshot_files
+            .write(store.db.generate_id().unwrap(), b"half")
+            .unwrap();
+        // The same for a version's state.
+        store
+            .version_files
+            .write(store.db.generate_id().unwrap(), b"half")
+            .unwrap();
+    }
+    std::fs::write(dir.path().join("snapshots/README"), b"not ours").unwrap();
+    assert_eq!(snapshot_files(dir.path()).len(), 3);
+    let store = reopen(dir.path());
+    let kept_name = kept.file_name().unwrap().to_str().unwrap().to_owned();
+    assert_eq!(
+        snapshot_files(dir.path()),
+        vec![kept_name, "README".to_owned()]
+    );
+    assert_eq!(store.load("doc").unwrap().snapshot.unwrap(), b"snap");
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("versions"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(store.check().unwrap(), vec![]);
+
+    // While a metadata record is unreadable, no file is removed: it may be that record's.
+    let stray = store.db.generate_id().unwrap();
+    store.snapshot_files.write(stray, b"maybe needed").unwrap();
     store
         .db
-        .insert(chunk_key("other", 0).unwrap(), &[3; 100][..])
+        .insert(doc_key(META, "broken").unwrap(), &[3u8, 0xff][..])
         .unwrap();
-    assert!(store.load("other").is_err());
-    assert_eq!(names(&store.check().unwrap()), vec!["doc", "other"]);
+    store.db.flush().unwrap();
+    drop(store);
+    let store = reopen(dir.path());
+    assert!(store.snapshot_files.path(stray).exists());
+    assert_eq!(names(store.damage_at_open()), vec!["broken"]);
 }
 
 #[test]
@@ -294,42 +405,6 @@ fn the_log_reclaims_dead_segments_and_copies_live_records_forward() {
 }
 
 #[test]
-fn format_1_folders_are_converted() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let db = sled::open(dir.path()).unwrap();
-        let v1 = DocMetaV1 {
-            format_version: 1,
-            created_at_ms: 5,
-            snapshot_upto: 3,
-            snapshot_bytes: 6,
-            snapshot_at_ms: 6,
-            compactions: 2,
-        };
-        let raw = bincode::serde::encode_to_vec(&v1, bincode_config()).unwrap();
-        db.insert(doc_key(META, "old").unwrap(), raw).unwrap();
-        db.insert(doc_key(V1_SNAPSHOT, "old").unwrap(), &b"snap01"[..])
-            .unwrap();
-        for seq in 3..5u64 {
-            let mut key = doc_key(V1_LOG, "old").unwrap();
-            key.extend_from_slice(&seq.to_be_bytes());
-            db.insert(key, &[seq as u8][..]).unwrap();
-        }
-        db.flush().unwrap();
-    }
-    let store = SledStore::open(dir.path()).unwrap();
-    let stored = store.load("old").unwrap();
-    assert_eq!(stored.snapshot.as_deref(), Some(&b"snap01"[..]));
-    assert_eq!(stored.log, vec![(3, vec![3]), (4, vec![4])]);
-    let meta = stored.meta.unwrap();
-    assert_eq!(
-        (meta.created_at_ms, meta.compactions, meta.format_version),
-        (5, 2, 2)
-    );
-    assert_eq!(store.check().unwrap(), vec![]);
-}
-
-#[test]
 fn versions_survive_compaction_and_go_with_the_document() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -337,8 +412,7 @@ fn versions_survive_compaction_and_go_with_the_document() {
         store.append("doc", 0, b"one").unwrap();
         store.append("doc", 1, b"two").unwrap();
         let v1 = store.put_version("doc", "first", b"state-1").unwrap();
-        // Bigger than a chunk: stored in pieces, read back whole.
-        let big = vec![7u8; CHUNK_SIZE * 2 + 5];
+        let big = vec![7u8; 20_000];
         let v2 = store.put_version("doc", "second", &big).unwrap();
         assert_eq!((v1.id, v2.id, v2.size), (1, 2, big.len() as u64));
         store.put_version("other", "x", b"o").unwrap();
@@ -354,10 +428,12 @@ fn versions_survive_compaction_and_go_with_the_document() {
         .collect();
     assert_eq!(labels, vec!["first", "second"]);
     let (meta, state) = store.version("doc", 2).unwrap().unwrap();
-    assert_eq!(
-        (meta.label.as_str(), state.len()),
-        ("second", CHUNK_SIZE * 2 + 5)
-    );
+    assert_eq!((meta.label.as_str(), state.len()), ("second", 20_000));
+    // Each state is a file of its own, outside sled.
+    let in_sled: usize = store.db.iter().map(|kv| kv.unwrap().1.len()).sum();
+    assert!(in_sled < 400, "sled holds {in_sled} bytes");
+    let files = |dir: &Path| std::fs::read_dir(dir.join("versions")).unwrap().count();
+    assert_eq!(files(dir.path()), 3);
     assert!(store.version("doc", 3).unwrap().is_none());
     let stats = store.stats("doc").unwrap().unwrap();
     assert_eq!((stats.size_bytes, stats.updates, stats.versions), (4, 2, 2));
@@ -370,4 +446,20 @@ fn versions_survive_compaction_and_go_with_the_document() {
     // A recreated document numbers its versions from 1 again; others are untouched.
     assert_eq!(store.put_version("doc", "new", b"s").unwrap().id, 1);
     assert_eq!(store.versions("other").unwrap().len(), 1);
+    assert_eq!(
+        files(dir.path()),
+        2,
+        "the deleted document's files went with it"
+    );
+
+    // A changed byte in a version's file is refused when read and named by `check`.
+    assert_eq!(store.check().unwrap(), vec![]);
+    let other = std::fs::read_dir(dir.path().join("versions"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap() == b"o")
+        .unwrap();
+    std::fs::write(&other, b"x").unwrap();
+    assert!(store.version("other", 1).is_err());
+    assert_eq!(names(&store.check().unwrap()), vec!["other"]);
 }

@@ -133,3 +133,44 @@ async fn a_flipped_byte_in_the_middle_of_the_sled_file_is_reported_by_name() {
     flip_middle_byte(&server.db_path().join("db"));
     assert_damage_reported(&mut server, &texts).await;
 }
+
+#[tokio::test]
+async fn a_truncated_snapshot_file_is_reported_by_name() {
+    let mut server = Server::start(&["--compact-after-updates", "5"]);
+    let texts = populate(&server).await;
+    server.terminate();
+    let file = middle_of_biggest(&server.db_path().join("snapshots"));
+    let len = file.metadata().unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_damage_reported(&mut server, &texts).await;
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_snapshot_file_is_found_when_the_document_loads() {
+    let mut server = Server::start(&["--compact-after-updates", "5"]);
+    let texts = populate(&server).await;
+    server.terminate();
+    flip_middle_byte(&middle_of_biggest(&server.db_path().join("snapshots")));
+    // A changed byte keeps the file's size, so start-up (which reads no snapshot) passes it;
+    // the snapshot's CRC32 refuses it when the document loads, and `check` names it.
+    server.restart();
+    let victim = Client::connect(&server.url(DOCS[0])).await;
+    assert_eq!(victim.wait_closed().await, Some(1011));
+    let bystander = synced_client(&server.url(DOCS[1])).await;
+    assert_eq!(bystander.text(), texts[1]);
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot load document") && l.contains("victim")),
+        "the refusal is logged with the document's name:\n{log}"
+    );
+    server.terminate();
+    let store = SledStore::open(server.db_path()).unwrap();
+    let damaged: Vec<Option<String>> = store.check().unwrap().into_iter().map(|d| d.doc).collect();
+    assert_eq!(damaged, vec![Some("victim".to_owned())]);
+}
