@@ -3,7 +3,7 @@
 # alternating runs so background load hits both alike, and a table of medians and ratios.
 #
 #   bench/compare.sh BEFORE_BIN AFTER_BIN            # fanout-50/200/1000 at 200 edits/s, 3 rounds
-#   REPEAT=5 CASES="fanout-200" bench/compare.sh A B
+#   REPEAT=5 CASES="fanout-200 fanout-50-r1000" bench/compare.sh A B   # -rN: N edits/s
 #
 # Build a revision's binary with e.g.
 #   git worktree add /tmp/before REV && (cd /tmp/before && cargo build --release -p collab-server --bin collab)
@@ -21,13 +21,17 @@ ulimit -n 65536 2>/dev/null || true
 W="--warmup 2 --duration 8 --drain 3"
 for round in $(seq 1 "$REPEAT"); do
   for case in $CASES; do
-    readers="${case#fanout-}"
+    # fanout-R at 200 edits/s, fanout-R-rN at N edits/s (with run.sh's raised rate limit).
+    spec="${case#fanout-}"
+    readers="${spec%%-r*}"
+    rate=200 limit=""
+    if [ "$spec" != "$readers" ]; then rate="${spec#*-r}" limit="--rate-limit-messages 2000"; fi
     for side in before after; do
       bin="$BEFORE"; [ "$side" = after ] && bin="$AFTER"
       echo "### $case · $side (round $round of $REPEAT)" >&2
       # shellcheck disable=SC2086
-      "$GEN" fanout --readers "$readers" --rate 200 $W --name "$case" --server-label "$side" \
-        --server-cmd "$bin --addr 127.0.0.1:{port} --data-dir {dir}/db" \
+      "$GEN" fanout --readers "$readers" --rate "$rate" $W --name "$case" --server-label "$side" \
+        --server-cmd "$bin --addr 127.0.0.1:{port} --data-dir {dir}/db $limit" \
         --json-out "$OUT/results.jsonl" --max-seconds 60 >/dev/null
     done
   done
