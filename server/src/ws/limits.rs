@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use ipnet::IpNet;
 use tracing::{info, warn};
 
+use crate::doc::registry::shrink_if_sparse;
+
 /// Descriptors kept free for storage, the listeners and connections that are being refused.
 /// sled opens files as it grows; without headroom an idle-socket flood starves it (EMFILE).
 fn fd_headroom(limit: u64) -> u64 {
@@ -106,6 +108,7 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
         *n -= 1;
         if *n == 0 {
             map.remove(key);
+            shrink_if_sparse(map);
         }
     }
 }
@@ -237,5 +240,21 @@ mod tests {
         drop(a);
         assert!(slots.acquire(Some(ip), "e").is_ok());
         assert!(lock(&slots.per_doc).get("e").is_none(), "released on drop");
+    }
+
+    #[test]
+    fn the_counts_give_their_memory_back_after_a_burst() {
+        let slots = Slots::new(100_000, 4);
+        let guards: Vec<SlotGuard> = (0..10_000u32)
+            .map(|i| {
+                let ip = IpAddr::from(i.to_be_bytes());
+                slots.acquire(Some(ip), &format!("doc-{i}")).unwrap()
+            })
+            .collect();
+        assert!(lock(&slots.per_doc).capacity() >= 10_000);
+        drop(guards);
+        assert!(lock(&slots.per_doc).is_empty());
+        assert!(lock(&slots.per_doc).capacity() <= 64);
+        assert!(lock(&slots.per_ip).capacity() <= 64);
     }
 }
