@@ -210,19 +210,32 @@ impl SledStore {
     /// Removes snapshot files no metadata names (left by a crash mid-compaction). Skipped while
     /// any metadata record is unreadable: its file may be the one a repair needs.
     fn sweep_snapshots(&self) -> Result<(), StoreError> {
+        self.sweep(&self.snapshot_files, META, |key, raw| {
+            let doc = name_of(key).unwrap_or_default();
+            decode_meta(&doc, raw).map(|m| m.snapshot_file)
+        })
+    }
+
+    /// Removes the files in `files` that no record under `kind` names, as `file_of` reads them;
+    /// removes nothing if any record does not read.
+    fn sweep(
+        &self,
+        files: &StateFiles,
+        kind: u8,
+        file_of: impl Fn(&[u8], &[u8]) -> Result<u64, StoreError>,
+    ) -> Result<(), StoreError> {
         let mut keep = std::collections::HashSet::new();
-        for item in self.db.scan_prefix([META]) {
+        for item in self.db.scan_prefix([kind]) {
             let (key, raw) = item?;
-            let doc = name_of(&key).unwrap_or_default();
-            match decode_meta(&doc, &raw) {
-                Ok(meta) => keep.insert(meta.snapshot_file),
+            match file_of(&key, &raw) {
+                Ok(file) => keep.insert(file),
                 Err(e) => {
-                    warn!(doc = %doc, error = %e, "stray snapshot files kept: a metadata record is unreadable");
+                    warn!(error = %e, "stray files kept: a record naming files is unreadable");
                     return Ok(());
                 }
             };
         }
-        self.snapshot_files.sweep(&keep).map(drop)
+        files.sweep(&keep).map(drop)
     }
 
     /// Checks the snapshots sled's metadata names against what the log records of them, and that

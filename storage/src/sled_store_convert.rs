@@ -36,21 +36,29 @@ pub(super) struct DocMetaV2 {
 }
 
 impl SledStore {
+    /// The documents whose metadata record is of `format`, with that record.
+    fn metadata_of_format<T: serde::de::DeserializeOwned>(
+        &self,
+        format: u32,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mut old = Vec::new();
+        for item in self.db.scan_prefix([META]) {
+            let (key, raw) = item?;
+            if format_of(&raw) == Some(format) {
+                let name = name_of(&key).ok_or_else(|| corrupt("?", "metadata key"))?;
+                let (meta, _) = bincode::serde::decode_from_slice(&raw, bincode_config())
+                    .map_err(|e| corrupt(&name, format!("format {format} metadata: {e}")))?;
+                old.push((name, meta));
+            }
+        }
+        Ok(old)
+    }
+
     /// Moves documents stored by format 1 into this layout: log entries into the write-ahead
     /// log, the snapshot into its file. Safe to repeat if interrupted: a document is converted by
     /// one sled batch, and log entries appended twice are the same entries.
     pub(super) fn convert_format_1(&self) -> Result<(), StoreError> {
-        let mut old = Vec::new();
-        for item in self.db.scan_prefix([META]) {
-            let (key, raw) = item?;
-            if format_of(&raw) == Some(1) {
-                let name = name_of(&key).ok_or_else(|| corrupt("?", "metadata key"))?;
-                let (meta, _): (DocMetaV1, usize) =
-                    bincode::serde::decode_from_slice(&raw, bincode_config())
-                        .map_err(|e| corrupt(&name, format!("format 1 metadata: {e}")))?;
-                old.push((name, meta));
-            }
-        }
+        let old: Vec<(String, DocMetaV1)> = self.metadata_of_format(1)?;
         for (doc, v1) in &old {
             let mut batch = Batch::default();
             let prefix = doc_key(V1_LOG, doc)?;
@@ -101,17 +109,7 @@ impl SledStore {
     /// are and the metadata keeps its length and CRC32, so a snapshot that was damaged in sled
     /// is still reported as damaged when it is read.
     pub(super) fn convert_format_2(&self) -> Result<(), StoreError> {
-        let mut old = Vec::new();
-        for item in self.db.scan_prefix([META]) {
-            let (key, raw) = item?;
-            if format_of(&raw) == Some(2) {
-                let name = name_of(&key).ok_or_else(|| corrupt("?", "metadata key"))?;
-                let (meta, _): (DocMetaV2, usize) =
-                    bincode::serde::decode_from_slice(&raw, bincode_config())
-                        .map_err(|e| corrupt(&name, format!("format 2 metadata: {e}")))?;
-                old.push((name, meta));
-            }
-        }
+        let old: Vec<(String, DocMetaV2)> = self.metadata_of_format(2)?;
         for (doc, v2) in &old {
             let mut batch = Batch::default();
             let mut snapshot = Vec::with_capacity(v2.snapshot_bytes as usize);

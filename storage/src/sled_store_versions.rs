@@ -2,11 +2,9 @@
 //! same reason: sled would keep each one it wrote resident), described in sled beside the
 //! document: `n` the per-document counter, `V` one record per version naming its file.
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 use sled::Batch;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{bincode_config, corrupt, doc_key, now_ms, SledStore, VERSION_COUNTER, VERSION_META};
 use crate::{Damage, StoreError, VersionMeta};
@@ -172,19 +170,10 @@ impl SledStore {
 
     /// Removes version files no record names. Skipped while any record is unreadable.
     pub(super) fn sweep_versions(&self) -> Result<(), StoreError> {
-        let mut keep = HashSet::new();
-        for item in self.db.scan_prefix([VERSION_META]) {
-            let (key, raw) = item?;
-            let doc = split_record_key(&key).map(|(d, _)| d).unwrap_or_default();
-            match decode_record(&doc, &raw) {
-                Ok(record) => keep.insert(record.file),
-                Err(e) => {
-                    warn!(doc = %doc, error = %e, "stray version files kept: a version record is unreadable");
-                    return Ok(());
-                }
-            };
-        }
-        self.version_files.sweep(&keep).map(drop)
+        self.sweep(&self.version_files, VERSION_META, |key, raw| {
+            let doc = split_record_key(key).map(|(d, _)| d).unwrap_or_default();
+            decode_record(&doc, raw).map(|r| r.file)
+        })
     }
 
     /// Moves version states that format 2 kept in sled's chunks into files, one sled batch per
