@@ -235,7 +235,7 @@ impl SledStore {
                 }
             };
         }
-        files.sweep(&keep).map(drop)
+        files.sweep(&keep)
     }
 
     /// Checks the snapshots sled's metadata names against what the log records of them, and that

@@ -1,13 +1,17 @@
 //! Folders written by earlier formats open converted, their data intact.
 
 use super::convert::{DocMetaV1, DocMetaV2};
-use super::tests::{names, reopen, sled_holds_no_chunk};
+use super::tests::{names, reopen};
 use super::versions::V2_VERSION_CHUNK;
 use super::*;
 use crate::recovery::Mark;
 
 /// Format 2 kept snapshots and versions in sled in chunks of this size.
 const V2_CHUNK_SIZE: usize = 4096;
+
+fn sled_holds_no_chunk(store: &SledStore) -> bool {
+    store.db.scan_prefix([V2_CHUNK]).next().is_none()
+}
 
 #[test]
 fn format_1_folders_are_converted() {

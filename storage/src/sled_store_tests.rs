@@ -306,10 +306,6 @@ fn a_snapshot_is_a_plain_file_replaced_whole_and_removed_with_its_document() {
     assert_eq!(snapshot_files(dir.path()), Vec::<String>::new());
 }
 
-pub(super) fn sled_holds_no_chunk(store: &SledStore) -> bool {
-    store.db.scan_prefix([V2_CHUNK]).next().is_none()
-}
-
 fn snapshot_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
         .unwrap()

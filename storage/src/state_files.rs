@@ -1,12 +1,13 @@
-//! Whole-document states kept as plain files beside sled, one per snapshot: `snapshots/<id>.ydoc`
-//! holds exactly the Yjs v1 update the document was compacted into, so any Yjs tool reads it.
+//! Whole-document states kept as plain files beside sled, one folder of them for snapshots and one
+//! for versions: `snapshots/<id>.ydoc` holds exactly the Yjs v1 update the document was compacted
+//! into (a version's file, the state it recorded), so any Yjs tool reads it.
 //!
 //! Why not in sled: sled keeps every page it wrote in its own cache, so a 112 MB snapshot stayed
 //! resident (as 28,000 chunks) long after its document unloaded; capping sled's cache did not give
 //! it back. A file written with `write` and read back once costs the kernel's page cache, which
 //! the kernel reclaims, not the process's memory.
 //!
-//! A file never changes once written: each snapshot gets a fresh id from sled's id generator
+//! A file never changes once written: each state gets a fresh id from sled's id generator
 //! (unique across crashes), is made durable (file and directory entry) before any metadata
 //! names it, and the one it replaces is removed only after the new metadata is durable. A crash
 //! between those steps leaves a file nobody names, which [`StateFiles::sweep`] removes at open.
@@ -100,7 +101,9 @@ impl StateFiles {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn!(file = %path.display(), error = %e, "cannot remove an old snapshot"),
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot remove a state file nothing names")
+            }
         }
     }
 
@@ -114,8 +117,8 @@ impl StateFiles {
     }
 
     /// Removes every file whose id is not in `keep`: those a crash left between writing a
-    /// snapshot and recording it, or between recording its successor and removing it.
-    pub(crate) fn sweep(&self, keep: &HashSet<u64>) -> Result<usize, StoreError> {
+    /// state and recording it, or between recording its successor and removing it.
+    pub(crate) fn sweep(&self, keep: &HashSet<u64>) -> Result<(), StoreError> {
         let mut removed = 0;
         for (id, entry) in self.entries()? {
             // A file not named like ours is somebody else's: left alone.
@@ -128,9 +131,9 @@ impl StateFiles {
         }
         if removed > 0 {
             sync_dir(&self.dir)?;
-            info!(files = removed, "removed snapshot files no document names");
+            info!(folder = %self.dir.display(), files = removed, "removed state files nothing names");
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// Every file in the folder with the id its name carries (`None` for a name not like ours).
