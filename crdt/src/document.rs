@@ -3,10 +3,11 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use thiserror::Error;
-use yrs::sync::awareness::{Awareness, AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
+use crate::awareness::AwarenessStates;
 use crate::protocol;
 
 #[derive(Debug, Error)]
@@ -44,7 +45,8 @@ pub struct AwarenessChange {
 }
 
 pub struct Document {
-    awareness: Awareness,
+    doc: Doc,
+    awareness: AwarenessStates,
     /// Entries of removed awareness clients kept (for their clock) before they are forgotten.
     max_removed_awareness: usize,
 }
@@ -65,7 +67,8 @@ impl Document {
         // gc stays on: tombstone content is dropped as in the reference server, which keeps the
         // memory of long-edited documents close to their visible size.
         Document {
-            awareness: Awareness::new(Doc::new()),
+            doc: Doc::new(),
+            awareness: AwarenessStates::default(),
             max_removed_awareness: MAX_REMOVED_AWARENESS,
         }
     }
@@ -77,7 +80,7 @@ impl Document {
     ) -> Result<Self, DocumentError> {
         let doc = Document::new();
         {
-            let mut txn = doc.awareness.doc().transact_mut();
+            let mut txn = doc.doc.transact_mut();
             if let Some(snapshot) = snapshot {
                 let update =
                     Update::decode_v1(snapshot).map_err(|source| DocumentError::CorruptStored {
@@ -101,11 +104,11 @@ impl Document {
     /// Takes over `other`'s content while keeping this document's awareness states, for
     /// rebuilding a document from storage under live connections.
     pub fn replace_content(&mut self, other: Document) {
-        *self.awareness.doc_mut() = other.awareness.doc().clone();
+        self.doc = other.doc;
     }
 
     pub fn doc(&self) -> &Doc {
-        self.awareness.doc()
+        &self.doc
     }
 
     pub fn state_vector(&self) -> StateVector {
@@ -155,7 +158,7 @@ impl Document {
     /// what gets persisted and broadcast; `None` when nothing changed (a duplicate, or blocks
     /// still waiting for missing predecessors), in which case the reference server sends nothing.
     pub fn apply_update(&mut self, update: Update) -> Result<Option<Vec<u8>>, DocumentError> {
-        let doc = self.awareness.doc();
+        let doc = &self.doc;
         let result = catch_unwind(AssertUnwindSafe(|| {
             let mut txn = doc.transact_mut();
             // yrs integrates blocks that follow a hole in their client's clocks (when they
@@ -216,28 +219,26 @@ impl Document {
 
     /// Applies a client's awareness update and says what changed; `None` when it was stale.
     pub fn apply_awareness(&mut self, mut update: AwarenessUpdate) -> Option<AwarenessChange> {
-        let own = self.awareness.client_id();
-        update.clients.retain(|id, entry| {
-            // The document's own id: yrs never lets a remote client remove that state, so one
-            // announced under it would outlive its connection.
-            *id != own
-                // A removal of a client never seen changes nothing and is not relayed, but yrs
-                // would remember its clock forever: removals of made-up ids grew memory without
-                // bound (found by the fuzzer's awareness invariant).
-                && (&*entry.json != "null" || self.awareness.meta(*id).is_some())
-        });
+        // A removal of a client never seen changes nothing and is not relayed, but would leave
+        // its clock behind: removals of made-up ids grew memory without bound (found by the
+        // fuzzer's awareness invariant).
+        update
+            .clients
+            .retain(|id, entry| &*entry.json != "null" || self.awareness.clock(*id).is_some());
         if update.clients.is_empty() {
             return None;
         }
-        // Only errors on JSON serialization of local state, which the server never sets.
-        let summary = self.awareness.apply_update_summary(update).ok()??;
-        let mut announced = summary.added;
-        announced.extend(summary.updated);
-        self.forget_removed(&summary.removed);
+        let applied = self.awareness.apply(update);
+        if applied.added.is_empty() && applied.updated.is_empty() && applied.removed.is_empty() {
+            return None;
+        }
+        let mut announced = applied.added;
+        announced.extend(applied.updated);
+        self.forget_removed(&applied.removed);
         // The relay message is encoded by the caller, which may merge several changes into one.
         Some(AwarenessChange {
             announced,
-            removed: summary.removed,
+            removed: applied.removed,
         })
     }
 
@@ -245,31 +246,8 @@ impl Document {
     /// `just_removed`, whose removal the caller still relays. Runs only after a removal, so the
     /// count (one pass over the entries) stays off the path of cursor moves.
     fn forget_removed(&mut self, just_removed: &[ClientID]) {
-        if just_removed.is_empty() {
-            return;
-        }
-        let removed = self
-            .awareness
-            .iter()
-            .filter(|(_, s)| s.data.is_none())
-            .count();
-        if removed <= self.max_removed_awareness {
-            return;
-        }
-        let keep: Vec<ClientID> = self
-            .awareness
-            .iter()
-            .filter(|(id, s)| s.data.is_some() || just_removed.contains(id))
-            .map(|(id, _)| id)
-            .collect();
-        let Ok(kept) = self.awareness.update_with_clients(keep) else {
-            return;
-        };
-        let mut fresh = Awareness::new(self.awareness.doc().clone());
-        // A new awareness takes every entry (a removal of an unknown client included, which is
-        // how removed clients keep their clock).
-        if fresh.apply_update(kept).is_ok() {
-            self.awareness = fresh;
+        if !just_removed.is_empty() && self.awareness.removed_count() > self.max_removed_awareness {
+            self.awareness.forget_removed_except(just_removed);
         }
     }
 
@@ -283,15 +261,15 @@ impl Document {
     /// still had a state.
     ///
     /// The removal keeps each client's clock, as y-protocols' `removeAwarenessStates` does for
-    /// remote clients. yrs's `remove_state` bumps it, and then a client that reconnects with the
-    /// same id is ignored by every peer until its clock passes the bumped one (up to two 15 s
-    /// renewals without presence).
+    /// remote clients. Bumping it (as yrs's `remove_state` does) would make every peer ignore a
+    /// client that reconnects with the same id until its clock passes the bumped one (up to two
+    /// 15 s renewals without presence).
     pub fn remove_awareness(&mut self, clients: &[ClientID]) -> Option<Vec<u8>> {
         let mut update = AwarenessUpdate {
             clients: Default::default(),
         };
         for c in clients {
-            if let Some((clock, _)) = self.awareness.meta(*c) {
+            if let Some(clock) = self.awareness.clock(*c) {
                 update.clients.insert(
                     *c,
                     AwarenessUpdateEntry {
@@ -301,12 +279,12 @@ impl Document {
                 );
             }
         }
-        let summary = self.awareness.apply_update_summary(update).ok()??;
-        if summary.removed.is_empty() {
+        let removed = self.awareness.apply(update).removed;
+        if removed.is_empty() {
             return None;
         }
-        let msg = self.awareness_message_for(summary.removed.iter().copied());
-        self.forget_removed(&summary.removed);
+        let msg = self.awareness_message_for(removed.iter().copied());
+        self.forget_removed(&removed);
         msg
     }
 
@@ -314,12 +292,12 @@ impl Document {
     /// included. For the fuzzing invariants.
     #[doc(hidden)]
     pub fn awareness_entries(&self) -> usize {
-        self.awareness.iter().count()
+        self.awareness.len()
     }
 
     /// All current awareness states, or `None` when nobody has announced one.
     pub fn awareness_message(&self) -> Option<Vec<u8>> {
-        let update = self.awareness.update().ok()?;
+        let update = self.awareness.current();
         if update.clients.is_empty() {
             return None;
         }
@@ -332,10 +310,7 @@ impl Document {
         &self,
         clients: impl IntoIterator<Item = ClientID>,
     ) -> Option<Vec<u8>> {
-        let known = clients
-            .into_iter()
-            .filter(|id| self.awareness.meta(*id).is_some());
-        let update = self.awareness.update_with_clients(known).ok()?;
+        let update = self.awareness.entries_of(clients);
         if update.clients.is_empty() {
             return None;
         }
@@ -476,112 +451,6 @@ mod tests {
         let t = joiner.get_or_insert_text("t");
         joiner.transact_mut().apply_update(u).unwrap();
         assert_eq!(t.get_string(&joiner.transact()), "hello");
-    }
-
-    #[test]
-    fn awareness_announce_renew_and_remove() {
-        let mut server = Document::new();
-        assert!(server.awareness_message().is_none());
-        let id = ClientID::new(7);
-        let mut update = AwarenessUpdate {
-            clients: Default::default(),
-        };
-        update.clients.insert(
-            id,
-            yrs::sync::awareness::AwarenessUpdateEntry {
-                clock: 1,
-                json: r#"{"user":"a"}"#.into(),
-            },
-        );
-        let change = server.apply_awareness(update.clone()).unwrap();
-        assert_eq!(change.announced, vec![id]);
-        // A stale repeat changes nothing and must not be relayed.
-        assert!(server.apply_awareness(update.clone()).is_none());
-        // A renewal with a higher clock and the same state is relayed (it keeps idle tabs alive).
-        update.clients.get_mut(&id).unwrap().clock = 2;
-        assert!(server.apply_awareness(update).is_some());
-        assert!(server.awareness_message().is_some());
-        let removal = server.remove_awareness(&[id]).unwrap();
-        let Ok([ClientMessage::Awareness(a)]) =
-            <[ClientMessage; 1]>::try_from(decode_frame(&removal).unwrap())
-        else {
-            panic!("not awareness");
-        };
-        assert_eq!(&*a.clients[&id].json, "null");
-        // Same clock as the last announcement (2), exactly as the reference server sends it.
-        assert_eq!(a.clients[&id].clock, 2);
-        assert!(server.remove_awareness(&[id]).is_none());
-        assert!(server.awareness_message().is_none());
-    }
-
-    fn entry(id: u64, clock: u32, json: &str) -> AwarenessUpdate {
-        let mut update = AwarenessUpdate {
-            clients: Default::default(),
-        };
-        update.clients.insert(
-            ClientID::new(id),
-            AwarenessUpdateEntry {
-                clock,
-                json: json.into(),
-            },
-        );
-        update
-    }
-
-    #[test]
-    fn removals_of_unknown_awareness_clients_are_not_remembered() {
-        // Found by the fuzzer's awareness invariant: each removal of a made-up id left an entry.
-        let mut server = Document::new();
-        for id in 0..1000 {
-            assert!(server.apply_awareness(entry(id, 1, "null")).is_none());
-        }
-        assert_eq!(server.awareness_entries(), 0);
-    }
-
-    #[test]
-    fn removed_awareness_clients_are_forgotten_beyond_the_bound() {
-        let mut server = Document::new();
-        server.set_max_removed_awareness(4);
-        for id in 0..100 {
-            assert!(server.apply_awareness(entry(id, 1, "{}")).is_some());
-            let change = server.apply_awareness(entry(id, 2, "null")).unwrap();
-            assert_eq!(change.removed, vec![ClientID::new(id)]);
-            // The removal the caller relays still carries its clock.
-            let msg = server.awareness_message_for(change.removed).unwrap();
-            let Ok([ClientMessage::Awareness(a)]) =
-                <[ClientMessage; 1]>::try_from(decode_frame(&msg).unwrap())
-            else {
-                panic!("not awareness");
-            };
-            assert_eq!(a.clients[&ClientID::new(id)].clock, 2);
-            assert!(server.awareness_entries() <= 5);
-        }
-        // Live states survive forgetting; a batch naming forgotten clients relays the rest.
-        assert!(server.apply_awareness(entry(500, 1, "{}")).is_some());
-        for id in 1000..1010 {
-            server.apply_awareness(entry(id, 1, "{}"));
-            server.remove_awareness(&[ClientID::new(id)]).unwrap();
-        }
-        assert!(server.awareness_message().is_some());
-        let ids = [ClientID::new(0), ClientID::new(500)];
-        let msg = server.awareness_message_for(ids).unwrap();
-        let Ok([ClientMessage::Awareness(a)]) =
-            <[ClientMessage; 1]>::try_from(decode_frame(&msg).unwrap())
-        else {
-            panic!("not awareness");
-        };
-        assert_eq!(a.clients.len(), 1);
-        assert!(server.awareness_message_for([ClientID::new(0)]).is_none());
-    }
-
-    #[test]
-    fn the_documents_own_awareness_id_is_refused() {
-        // yrs never lets a remote removal clear the local id's state, so a state announced under
-        // it would outlive its connection.
-        let mut server = Document::new();
-        let own = server.doc().client_id().get();
-        assert!(server.apply_awareness(entry(own, 1, "{}")).is_none());
-        assert!(server.awareness_message().is_none());
     }
 
     #[test]
