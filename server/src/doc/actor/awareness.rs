@@ -28,7 +28,14 @@ impl DocActor {
             }
             return;
         }
-        self.awareness_dirty.extend(ids);
+        // Merged before it grows, so a window of many changes from a few clients stays about as
+        // small as the set of those clients.
+        let dirty = &mut self.awareness_dirty;
+        if dirty.len() >= 32 && dirty.len() + ids.len() > dirty.capacity() {
+            dirty.sort_unstable();
+            dirty.dedup();
+        }
+        dirty.extend(ids);
     }
 
     fn awareness_window_ended(&mut self, ctx: &mut Context<Self>) {
@@ -36,7 +43,9 @@ impl DocActor {
             self.awareness_window_open = false;
             return;
         }
-        let ids: Vec<ClientID> = self.awareness_dirty.drain().collect();
+        let mut ids = std::mem::take(&mut self.awareness_dirty);
+        ids.sort_unstable();
+        ids.dedup();
         if let Some(msg) = self
             .document
             .as_ref()

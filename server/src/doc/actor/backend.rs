@@ -129,7 +129,8 @@ impl DocActor {
         let flusher = self.registry.flusher();
         let name = self.name.clone();
         let requester = self.name.clone();
-        let cluster = self.registry.cluster().cloned().zip(self.origin.clone());
+        let origin = self.following.as_ref().map(|f| f.origin.clone());
+        let cluster = self.registry.cluster().cloned().zip(origin);
         ctx.wait(
             async move {
                 if let Some((cluster, origin)) = cluster {
@@ -160,8 +161,10 @@ impl DocActor {
                         act.full_state = None;
                         act.awareness_dirty.clear();
                         act.auto_version_armed = false;
-                        act.announced = false;
-                        act.backlog.clear();
+                        if let Some(f) = act.following.as_mut() {
+                            f.announced = false;
+                            f.backlog.clear();
+                        }
                         act.deleting = false;
                         info!(doc = %act.name, existed, "document deleted");
                         act.registry.webhooks().deleted(&act.name);
@@ -263,7 +266,7 @@ impl Handler<DeleteDoc> for DocActor {
         }
         self.deleting = true;
         // Closed with 4404 at once; their queued output goes with them.
-        let conns: Vec<_> = self.conns.drain().collect();
+        let conns = self.conns.take_all();
         for (_, c) in &conns {
             let why = doc_deleted();
             c.kick

@@ -104,16 +104,22 @@ impl DocActor {
                 let new = update
                     .clients
                     .keys()
-                    .filter(|id| c.is_none_or(|c| !c.awareness.contains(id)))
+                    .filter(|id| c.is_none_or(|c| c.awareness.binary_search(id).is_err()))
                     .count();
                 if owned + new > limit {
                     return Err(Violation::TooManyAwarenessClients(limit));
                 }
                 if let Some(change) = doc.apply_awareness(update) {
                     if let Some(c) = self.conns.get_mut(&conn) {
-                        c.awareness.extend(change.announced.iter().copied());
+                        for id in &change.announced {
+                            if let Err(at) = c.awareness.binary_search(id) {
+                                c.awareness.insert(at, *id);
+                            }
+                        }
                         for id in &change.removed {
-                            c.awareness.remove(id);
+                            if let Ok(at) = c.awareness.binary_search(id) {
+                                c.awareness.remove(at);
+                            }
                         }
                     }
                     let ids: Vec<_> = change.announced.into_iter().chain(change.removed).collect();
@@ -168,10 +174,10 @@ impl DocActor {
             Ok(Some(diff)) => {
                 self.full_state = None;
                 let seq = self.next_seq;
-                if let (Some(cluster), Some(origin)) = (self.registry.cluster(), &self.origin) {
+                if let (Some(cluster), Some(f)) = (self.registry.cluster(), &mut self.following) {
                     // Counted for compaction when read back from the stream, with its id.
-                    cluster.append(&self.name, origin, diff.clone(), !self.announced);
-                    self.announced = true;
+                    cluster.append(&self.name, &f.origin, diff.clone(), !f.announced);
+                    f.announced = true;
                 } else {
                     if let Err(e) = self.registry.store().append(&self.name, seq, &diff) {
                         METRICS.storage_errors.inc();

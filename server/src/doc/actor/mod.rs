@@ -6,13 +6,12 @@
 //! until a flush that started after the append has completed. So nothing a client has seen can
 //! be lost by a crash.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::web::Bytes;
-use collab_crdt::{ClientID, Document};
+use collab_crdt::{ClientID, Document, SmallMap};
 use collab_storage::{CompactionPolicy, Store};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -30,24 +29,28 @@ mod remote;
 mod load;
 // Asking for durability and releasing what a flush covered.
 mod flush;
+// Sending to one connection or to all of them.
+mod send;
 
 use load::{load, load_doc, LoadError};
+use remote::Following;
 
 use super::messages::{
     DocError, DocStats, Evict, GetStats, Join, JoinError, Kick, Leave, Outgoing,
 };
 use super::registry::Registry;
-use crate::cluster::{Backlog, StreamPos};
 use crate::doc::outbox;
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
-use crate::ws::direct::{Direct, Offer};
+use crate::ws::direct::Direct;
 
 struct Conn {
     tx: outbox::Sender<Outgoing>,
     kick: Arc<Kick>,
-    /// Awareness client ids this connection announced; removed when it closes.
-    awareness: HashSet<ClientID>,
+    /// Awareness client ids this connection announced, sorted; removed when it closes. A
+    /// sorted `Vec` rather than a set: a tab announces one id, and a set's table cost every
+    /// connection about 50 bytes more.
+    awareness: Vec<ClientID>,
     read_only: bool,
     /// It wants a SyncStatus for each of its changes (Hocuspocus).
     acks: bool,
@@ -84,7 +87,8 @@ pub struct DocActor {
     document: Option<Document>,
     failed: Option<String>,
     closing: bool,
-    conns: HashMap<Uuid, Conn>,
+    /// Most documents have a few connections: see `SmallMap`.
+    conns: SmallMap<Uuid, Conn>,
     next_seq: u64,
     log_count: u64,
     log_bytes: u64,
@@ -92,17 +96,20 @@ pub struct DocActor {
     pending: Vec<Pending>,
     /// How many `pending` entries the flush in flight covers.
     flushing: Option<usize>,
-    /// When the last flushed updates had gone out, and how long sending them took: whether
-    /// this actor's thread is idle enough for an inline flush (see `flush.rs`).
-    delivered_at: Option<Instant>,
-    deliver_took: Duration,
+    /// When this actor's thread counts as idle enough for an inline flush: the last delivery's
+    /// end plus as long as it took, and at least `MIN_IDLE_FOR_INLINE` (see `flush.rs`).
+    quiet_from: Option<Instant>,
     compacting: bool,
     /// The SyncStep2 for a client with an empty state vector, shared by concurrent joiners.
     full_state: Option<Bytes>,
     /// Bumped whenever the document becomes idle or busy, so stale idle timers do nothing.
     idle_epoch: u64,
-    /// Awareness clients changed since the last awareness broadcast, sent when the window ends.
-    awareness_dirty: HashSet<ClientID>,
+    /// The grace-period timer of an idle document, cancelled when someone joins: it holds
+    /// about 120 bytes for the whole grace period, for every document opened.
+    idle_timer: Option<SpawnHandle>,
+    /// Awareness clients changed since the last awareness broadcast, sent when the window ends
+    /// (duplicates are merged then).
+    awareness_dirty: Vec<ClientID>,
     /// An awareness broadcast went out less than one batching window ago.
     awareness_window_open: bool,
     /// Upper bound of the encoded size, for `--max-document-bytes` (see `check_document_size`).
@@ -119,15 +126,9 @@ pub struct DocActor {
     auto_version_armed: bool,
     /// A version is being written.
     versioning: bool,
-    /// Cluster mode: this actor's appends are tagged with it, so the stream reader skips them.
-    origin: Option<Arc<str>>,
-    /// Cluster mode: every stream entry up to here is in `document`.
-    stream_pos: StreamPos,
-    /// Cluster mode: the stream entries no snapshot covers yet (`log_count` and `log_bytes`
-    /// follow it).
-    backlog: Backlog,
-    /// Cluster mode: the document's name was added to the set of documents since loading.
-    announced: bool,
+    /// Cluster mode: where this document stands in the Redis stream (`None` outside cluster
+    /// mode, and until loaded). Boxed, as it is part of every document actor otherwise.
+    following: Option<Box<Following>>,
 }
 
 impl DocActor {
@@ -138,19 +139,19 @@ impl DocActor {
             document: None,
             failed: None,
             closing: false,
-            conns: HashMap::new(),
+            conns: SmallMap::default(),
             next_seq: 0,
             log_count: 0,
             log_bytes: 0,
             snapshot_bytes: 0,
             pending: Vec::new(),
             flushing: None,
-            delivered_at: None,
-            deliver_took: Duration::ZERO,
+            quiet_from: None,
             compacting: false,
             full_state: None,
             idle_epoch: 0,
-            awareness_dirty: HashSet::new(),
+            idle_timer: None,
+            awareness_dirty: Vec::new(),
             awareness_window_open: false,
             encoded_estimate: 0,
             measured_at: 0,
@@ -159,64 +160,12 @@ impl DocActor {
             delete_reply: None,
             auto_version_armed: false,
             versioning: false,
-            origin: None,
-            stream_pos: StreamPos::ZERO,
-            backlog: Backlog::default(),
-            announced: false,
+            following: None,
         }
     }
 
     fn store(&self) -> Arc<dyn Store> {
         self.registry.store()
-    }
-
-    /// Queues `bytes` for one connection; a full queue disconnects it rather than buffering
-    /// without bound or silently skipping a message.
-    fn send_to(&mut self, conn: Uuid, bytes: Bytes, kind: Kind, ctx: &mut Context<Self>) {
-        let len = bytes.len() as u64;
-        if self.send_shared(conn, Arc::new(bytes), ctx) {
-            METRICS.messages_sent.get(kind).inc();
-            METRICS.bytes_sent.get(kind).inc_by(len);
-        }
-    }
-
-    /// Whether the message was queued.
-    fn send_shared(&mut self, conn: Uuid, mut bytes: Outgoing, ctx: &mut Context<Self>) -> bool {
-        let Some(c) = self.conns.get(&conn) else {
-            return false;
-        };
-        if let Some(d) = &c.direct {
-            match d.offer(&bytes) {
-                Offer::Written => return true,
-                // The session sends the rest before anything queued after it.
-                Offer::Partial => bytes = Direct::tail_marker(),
-                Offer::Queue => {}
-            }
-        }
-        match c.tx.try_send(bytes) {
-            Ok(()) => return true,
-            Err(outbox::TrySendError::Full(_)) => {
-                warn!(doc = %self.name, conn = %conn, "outbound queue full, disconnecting slow client");
-                c.kick
-                    .kick(CloseCode::Again, "client too slow, reconnect to resync");
-                self.drop_conn(conn, ctx);
-            }
-            Err(outbox::TrySendError::Closed(_)) => self.drop_conn(conn, ctx),
-        }
-        false
-    }
-
-    fn broadcast(&mut self, bytes: Bytes, kind: Kind, ctx: &mut Context<Self>) {
-        let len = bytes.len() as u64;
-        let bytes = Arc::new(bytes);
-        let ids: Vec<Uuid> = self.conns.keys().copied().collect();
-        let mut sent = 0;
-        for id in ids {
-            sent += u64::from(self.send_shared(id, bytes.clone(), ctx));
-        }
-        // Counted once per broadcast, not per recipient: two adds however many readers.
-        METRICS.messages_sent.get(kind).inc_by(sent);
-        METRICS.bytes_sent.get(kind).inc_by(sent * len);
     }
 
     /// Removes a connection and, at once, the awareness states it announced.
@@ -228,7 +177,7 @@ impl DocActor {
             info!(doc = %self.name, conn = %conn, refused = c.refused, "read-only connection left; its document changes were refused");
         }
         if let Some(doc) = self.document.as_mut() {
-            let ids: Vec<ClientID> = c.awareness.into_iter().collect();
+            let ids = c.awareness;
             if let Some(removal) = doc.remove_awareness(&ids) {
                 if let Some(cluster) = self.registry.cluster() {
                     cluster.publish_awareness(&self.name, &removal);
@@ -248,7 +197,13 @@ impl DocActor {
         // The log is durable as it is; a snapshot is rewritten only when the log is worth it.
         self.maybe_compact(ctx);
         let grace = self.registry.config().grace_period();
-        ctx.run_later(grace, move |act, ctx| act.try_stop(epoch, ctx));
+        if let Some(old) = self.idle_timer.take() {
+            ctx.cancel_future(old);
+        }
+        self.idle_timer = Some(ctx.run_later(grace, move |act, ctx| {
+            act.idle_timer = None;
+            act.try_stop(epoch, ctx)
+        }));
     }
 
     fn try_stop(&mut self, epoch: u64, ctx: &mut Context<Self>) {
@@ -282,7 +237,7 @@ impl DocActor {
         } else {
             CloseCode::Error
         };
-        for (_, c) in self.conns.drain() {
+        for (_, c) in self.conns.take_all() {
             c.kick.kick(code, "document unavailable, retry");
         }
         self.failed = Some(reason);
@@ -439,7 +394,7 @@ impl Actor for DocActor {
     type Context = Context<Self>;
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        if let (Some(cluster), Some(_)) = (self.registry.cluster(), &self.origin) {
+        if let (Some(cluster), Some(_)) = (self.registry.cluster(), &self.following) {
             cluster.unregister(&self.name, &ctx.address().recipient());
         }
         if self.counted_loaded {
@@ -474,8 +429,7 @@ impl Actor for DocActor {
                     // Snapshot plus log: an upper bound of the encoded size.
                     act.encoded_estimate = loaded.snapshot_bytes + loaded.log_bytes;
                     act.snapshot_bytes = loaded.snapshot_bytes;
-                    act.backlog = loaded.backlog;
-                    act.follow_stream(loaded.position, ctx);
+                    act.follow_stream(loaded.position, loaded.backlog, ctx);
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }
@@ -511,13 +465,16 @@ impl Handler<Join> for DocActor {
         let step1 = Bytes::from(doc.sync_step1_message());
         let awareness = doc.awareness_message().map(Bytes::from);
         self.idle_epoch += 1;
+        if let Some(timer) = self.idle_timer.take() {
+            ctx.cancel_future(timer);
+        }
         self.registry.mark_busy(&self.name);
         self.conns.insert(
             msg.conn,
             Conn {
                 tx: msg.tx,
                 kick: msg.kick,
-                awareness: HashSet::new(),
+                awareness: Vec::new(),
                 read_only: msg.read_only,
                 acks: msg.acks,
                 direct: msg.direct,
@@ -562,5 +519,22 @@ impl Handler<GetStats> for DocActor {
             connections: self.conns.len(),
             queue_depths: self.conns.values().map(|c| c.tx.queued()).collect(),
         })
+    }
+}
+#[cfg(test)]
+mod tests {
+    /// Every open document is one tokio task whose cell holds the actor's context future:
+    /// 32 bytes of header, 16 of scheduler and id, the future with its stage tag, and 48 of
+    /// trailer, rounded up to 128 (the cell is cache-line aligned). Up to 664 bytes of future
+    /// the cell takes 768 bytes; one byte more and it takes 896 in every document.
+    #[test]
+    fn a_document_task_fits_its_768_byte_cell() {
+        let future = std::mem::size_of::<
+            actix::dev::ContextFut<super::DocActor, actix::Context<super::DocActor>>,
+        >();
+        assert!(
+            future <= 664,
+            "the document actor's future is {future} bytes"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! flush of its own; it only waits behind local updates that are still waiting for theirs, so
 //! clients see changes in the order this document applied them.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -14,18 +15,46 @@ use tracing::{error, info, warn};
 use yrs::updates::decoder::Decode;
 
 use super::{load_doc, DocActor, Pending};
-use crate::cluster::{Compacted, EntryKind, RemoteEvent, StreamPos};
+use crate::cluster::{Backlog, Compacted, EntryKind, RemoteEvent, StreamPos};
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::doc_deleted;
 
+/// Cluster mode: where a document stands in the Redis stream.
+pub(super) struct Following {
+    /// This actor's appends are tagged with it, so the stream reader skips them.
+    pub(super) origin: Arc<str>,
+    /// Every stream entry up to here is in the document.
+    pub(super) stream_pos: StreamPos,
+    /// The stream entries no snapshot covers yet (`log_count` and `log_bytes` follow it).
+    pub(super) backlog: Backlog,
+    /// The document's name was added to the set of documents since loading.
+    pub(super) announced: bool,
+}
+
 impl DocActor {
-    /// After a load: read the stream on from `position`. Does nothing outside cluster mode.
-    pub(super) fn follow_stream(&mut self, position: StreamPos, ctx: &mut Context<Self>) {
-        let Some(cluster) = self.registry.cluster() else {
+    /// After a load: read the stream on from `position`, with the entries after the snapshot.
+    /// Does nothing outside cluster mode.
+    pub(super) fn follow_stream(
+        &mut self,
+        position: StreamPos,
+        backlog: Backlog,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(cluster) = self.registry.cluster().cloned() else {
             return;
         };
-        let origin = self.origin.get_or_insert_with(|| cluster.origin()).clone();
-        self.stream_pos = position;
+        let f = self.following.get_or_insert_with(|| {
+            Box::new(Following {
+                origin: cluster.origin(),
+                stream_pos: StreamPos::ZERO,
+                backlog: Backlog::default(),
+                announced: false,
+            })
+        });
+        f.stream_pos = position;
+        f.backlog = backlog;
+        let origin = f.origin.clone();
+        self.sync_backlog();
         cluster.register(
             self.name.clone(),
             position,
@@ -37,8 +66,22 @@ impl DocActor {
     /// The compaction policy reads `log_count` and `log_bytes`; in cluster mode they are the
     /// backlog's.
     fn sync_backlog(&mut self) {
-        self.log_count = self.backlog.count();
-        self.log_bytes = self.backlog.bytes();
+        if let Some(f) = &self.following {
+            self.log_count = f.backlog.count();
+            self.log_bytes = f.backlog.bytes();
+        }
+    }
+
+    fn push_backlog(&mut self, id: StreamPos, len: u64) {
+        if let Some(f) = self.following.as_mut() {
+            f.backlog.push(id, len);
+        }
+    }
+
+    fn trim_backlog(&mut self, upto: StreamPos) {
+        if let Some(f) = self.following.as_mut() {
+            f.backlog.trim(upto);
+        }
     }
 
     /// Sends local awareness changes to the other instances.
@@ -92,7 +135,7 @@ impl DocActor {
 
     /// Another instance deleted the document: the same as a local delete for the clients here.
     fn deleted_elsewhere(&mut self) {
-        let conns: Vec<_> = self.conns.drain().collect();
+        let conns = self.conns.take_all();
         for (_, c) in &conns {
             let why = doc_deleted();
             c.kick
@@ -101,11 +144,13 @@ impl DocActor {
         info!(doc = %self.name, connections = conns.len(), "document deleted by another instance");
         self.document = Some(Document::new());
         self.full_state = None;
-        self.backlog.clear();
+        if let Some(f) = self.following.as_mut() {
+            f.backlog.clear();
+            f.announced = false;
+        }
         self.sync_backlog();
         self.encoded_estimate = 0;
         self.measured_at = 0;
-        self.announced = false;
     }
 
     /// Reads the document again from Redis after this instance fell behind a trim (seen at the
@@ -122,11 +167,9 @@ impl DocActor {
                         act.fail("reload from Redis failed to merge".into(), ctx);
                         return;
                     }
-                    act.backlog = loaded.backlog;
-                    act.sync_backlog();
                     act.snapshot_bytes = loaded.snapshot_bytes;
                     info!(doc = %act.name, position = %loaded.position, "document reloaded from Redis");
-                    act.follow_stream(loaded.position, ctx);
+                    act.follow_stream(loaded.position, loaded.backlog, ctx);
                 }
                 Err(e) => act.fail(format!("reload from Redis failed: {e}"), ctx),
             },
@@ -136,16 +179,20 @@ impl DocActor {
     /// Writes a snapshot covering the stream up to what this document has read, if no other
     /// instance is compacting it; the stream is trimmed below it.
     pub(super) fn compact_in_cluster(&mut self, ctx: &mut Context<Self>) {
-        let (Some(cluster), Some(doc)) = (self.registry.cluster().cloned(), &self.document) else {
+        let (Some(cluster), Some(doc), Some(f)) = (
+            self.registry.cluster().cloned(),
+            &self.document,
+            &self.following,
+        ) else {
             return;
         };
-        if self.stream_pos == StreamPos::ZERO {
+        if f.stream_pos == StreamPos::ZERO {
             // Nothing read back from the stream yet: a snapshot would cover no entry.
             return;
         }
         self.compacting = true;
         let state = doc.encode_state();
-        let upto = self.stream_pos;
+        let upto = f.stream_pos;
         let name = self.name.clone();
         ctx.spawn(
             async move {
@@ -157,7 +204,7 @@ impl DocActor {
                 act.compacting = false;
                 match result {
                     Ok(Compacted::Trimmed(trimmed)) => {
-                        act.backlog.trim(upto);
+                        act.trim_backlog(upto);
                         act.sync_backlog();
                         act.snapshot_bytes = len;
                         METRICS.compactions.inc();
@@ -167,7 +214,7 @@ impl DocActor {
                     Ok(Compacted::Busy) => {}
                     // The stored snapshot already covers this much.
                     Ok(Compacted::Stale) => {
-                        act.backlog.trim(upto);
+                        act.trim_backlog(upto);
                         act.sync_backlog();
                     }
                     Err(e) => {
@@ -190,7 +237,10 @@ impl Handler<RemoteEvent> for DocActor {
         match event {
             RemoteEvent::Entries { entries, upto } => {
                 for e in entries {
-                    if e.id <= self.stream_pos {
+                    let Some(f) = &self.following else {
+                        return;
+                    };
+                    if e.id <= f.stream_pos {
                         // Read before a reload that already covered it.
                         continue;
                     }
@@ -200,16 +250,18 @@ impl Handler<RemoteEvent> for DocActor {
                                 self.reload_from_cluster(ctx);
                                 return;
                             }
-                            self.backlog.push(e.id, bytes.len() as u64);
+                            self.push_backlog(e.id, bytes.len() as u64);
                         }
-                        EntryKind::Own { len } => self.backlog.push(e.id, len),
-                        EntryKind::Trimmed { upto } => self.backlog.trim(upto),
+                        EntryKind::Own { len } => self.push_backlog(e.id, len),
+                        EntryKind::Trimmed { upto } => self.trim_backlog(upto),
                         EntryKind::Deleted { .. } => self.deleted_elsewhere(),
                         EntryKind::Other => {}
                     }
                 }
                 self.sync_backlog();
-                self.stream_pos = self.stream_pos.max(upto);
+                if let Some(f) = self.following.as_mut() {
+                    f.stream_pos = f.stream_pos.max(upto);
+                }
                 self.maybe_compact(ctx);
             }
             RemoteEvent::Reload => self.reload_from_cluster(ctx),
