@@ -105,6 +105,7 @@ else
     "rooms-no-awareness|30|rooms --docs 500 --per-doc 4 --settle 3 --no-awareness"
     "rooms-2000x1|30|rooms --docs 2000 --per-doc 1 --settle 3"
     "rooms-2500x4|90|rooms --docs 2500 --per-doc 4 --settle 3 --edit-seconds 5"
+    "rooms-10000x1|90|rooms --docs 10000 --per-doc 1 --settle 3"
     "join|40|join --ops 260000 --clients 1,150 --rounds 3"
     "join-4mb|90|join --ops 780000 --word 8 --batch 10000 --clients 1,150 --rounds 2"
     "join-20mb|150|join --ops 3900000 --word 8 --batch 10000 --clients 1,150 --rounds 1"
