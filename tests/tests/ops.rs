@@ -266,3 +266,34 @@ async fn the_demo_is_served_compressed_with_an_etag() {
     assert!(again.starts_with("http/1.1 304"), "{again}");
     assert_eq!(len, 0);
 }
+
+/// The grace-period timer armed when a document loads is cancelled by a join (it held memory in
+/// every open document): a document stays loaded however long someone is connected, and unloads
+/// one grace period after its last connection leaves, a rejoin in between included.
+#[tokio::test]
+async fn a_document_unloads_a_grace_period_after_its_last_leave_and_not_before() {
+    let server = Server::start(&["--grace-period-secs", "1"]);
+    let loaded = || value(&scrape(server.addr), "collab_documents_loaded");
+    let a = synced_client(&server.url("grace")).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(loaded(), 1.0, "unloaded under a connection");
+    a.close();
+    a.wait_closed().await;
+    let b = synced_client(&server.url("grace")).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        loaded(),
+        1.0,
+        "a rejoin within the grace period did not keep it"
+    );
+    b.close();
+    b.wait_closed().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while loaded() != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "never unloaded after the last leave"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
