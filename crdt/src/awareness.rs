@@ -5,7 +5,6 @@
 //! (about 1 KiB per document, even with no client announced), and carries a local state, clock
 //! and observers a relaying server never uses. The wire format stays yrs's `AwarenessUpdate`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::small_map::SmallMap;
@@ -14,13 +13,23 @@ use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
 use yrs::ClientID;
 
 /// How a removal is spelled on the wire.
-const NULL: &str = "null";
+pub(crate) const NULL: &str = "null";
 
 /// One client's entry: its last clock, and its state (`None` once removed; the entry stays for
 /// the clock, so that a stale state arriving after the removal is ignored).
 struct ClientState {
     clock: u32,
     json: Option<Arc<str>>,
+}
+
+impl ClientState {
+    /// As it goes on the wire: the state, or a removal, with the clock.
+    fn entry(&self) -> AwarenessUpdateEntry {
+        AwarenessUpdateEntry {
+            clock: self.clock,
+            json: self.json.clone().unwrap_or_else(|| NULL.into()),
+        }
+    }
 }
 
 /// What an applied update changed.
@@ -85,34 +94,36 @@ impl AwarenessStates {
         applied
     }
 
-    /// The entries (state or removal, with clock) of `clients`, leaving out unknown ones.
-    pub fn entries_of(&self, clients: impl IntoIterator<Item = ClientID>) -> AwarenessUpdate {
-        let mut update = AwarenessUpdate {
-            clients: HashMap::new(),
-        };
+    /// Marks `clients` removed, keeping their clocks (as y-protocols' `removeAwarenessStates`
+    /// does for remote clients); returns those that had a state.
+    pub fn remove(&mut self, clients: &[ClientID]) -> Vec<ClientID> {
+        let mut removed = Vec::new();
         for client in clients {
-            if let Some(state) = self.states.get(&client) {
-                let json = state.json.clone().unwrap_or_else(|| NULL.into());
-                update.clients.insert(
-                    client,
-                    AwarenessUpdateEntry {
-                        clock: state.clock,
-                        json,
-                    },
-                );
+            if let Some(state) = self.states.get_mut(client) {
+                if state.json.take().is_some() {
+                    removed.push(*client);
+                }
             }
         }
-        update
+        removed
+    }
+
+    /// The entries (state or removal, with clock) of `clients`, leaving out unknown ones.
+    pub fn entries_of(&self, clients: impl IntoIterator<Item = ClientID>) -> AwarenessUpdate {
+        let clients = clients
+            .into_iter()
+            .filter_map(|c| Some((c, self.states.get(&c)?.entry())));
+        AwarenessUpdate {
+            clients: clients.collect(),
+        }
     }
 
     /// Every client with a state (removed ones left out).
     pub fn current(&self) -> AwarenessUpdate {
-        let live = self
-            .states
-            .iter()
-            .filter(|(_, s)| s.json.is_some())
-            .map(|(id, _)| *id);
-        self.entries_of(live.collect::<Vec<_>>())
+        let live = self.states.iter().filter(|(_, s)| s.json.is_some());
+        AwarenessUpdate {
+            clients: live.map(|(c, s)| (*c, s.entry())).collect(),
+        }
     }
 
     /// Drops the entries of removed clients except `keep` (`SmallMap` gives the spare room

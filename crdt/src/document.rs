@@ -3,11 +3,11 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use thiserror::Error;
-use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::sync::awareness::AwarenessUpdate;
 use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
-use crate::awareness::AwarenessStates;
+use crate::awareness::{AwarenessStates, NULL};
 use crate::protocol;
 
 #[derive(Debug, Error)]
@@ -224,7 +224,7 @@ impl Document {
         // fuzzer's awareness invariant).
         update
             .clients
-            .retain(|id, entry| &*entry.json != "null" || self.awareness.clock(*id).is_some());
+            .retain(|id, entry| &*entry.json != NULL || self.awareness.clock(*id).is_some());
         if update.clients.is_empty() {
             return None;
         }
@@ -265,21 +265,7 @@ impl Document {
     /// client that reconnects with the same id until its clock passes the bumped one (up to two
     /// 15 s renewals without presence).
     pub fn remove_awareness(&mut self, clients: &[ClientID]) -> Option<Vec<u8>> {
-        let mut update = AwarenessUpdate {
-            clients: Default::default(),
-        };
-        for c in clients {
-            if let Some(clock) = self.awareness.clock(*c) {
-                update.clients.insert(
-                    *c,
-                    AwarenessUpdateEntry {
-                        clock,
-                        json: "null".into(),
-                    },
-                );
-            }
-        }
-        let removed = self.awareness.apply(update).removed;
+        let removed = self.awareness.remove(clients);
         if removed.is_empty() {
             return None;
         }

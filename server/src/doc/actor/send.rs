@@ -17,6 +17,7 @@ use crate::ws::direct::{Direct, Offer};
 
 /// What became of a message offered to one connection.
 enum Sent {
+    /// Written into the socket, or queued for it.
     Queued,
     /// Its queue is full: the client is too slow.
     Full,
