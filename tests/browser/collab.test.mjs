@@ -140,6 +140,51 @@ test('reloading a page keeps the content', { timeout: 60000 }, async () => {
   }
 })
 
+test('an edit whose echo was lost with its socket is confirmed after the reconnect', { timeout: 60000 }, async () => {
+  const doc = docName('lost-echo')
+  // Between the page and the real server: forwards everything, except that once armed it drops the
+  // next update the server sends and cuts the connection, as a network drop (or a close at token
+  // expiry) can right after the server applied an edit.
+  let dropNextUpdate = false
+  let dropped = 0
+  try {
+    const ctx = await newContext()
+    await ctx.routeWebSocket((url) => url.pathname === `/${doc}`, (page) => {
+      const upstream = page.connectToServer()
+      page.onMessage((m) => upstream.send(m))
+      upstream.onMessage((m) => {
+        // y-protocols: 0 = sync, then 2 = update
+        if (dropNextUpdate && typeof m !== 'string' && m[0] === 0 && m[1] === 2) {
+          dropNextUpdate = false
+          dropped++
+          page.close({ code: 1001, reason: 'test: connection lost' })
+          upstream.close()
+          return
+        }
+        page.send(m)
+      })
+    })
+    const alice = await DemoPage.open(ctx, server.url(`#doc=${doc}`), { name: 'Alice' })
+    await alice.type('confirmed')
+    await alice.waitForSaved(3000)
+
+    dropNextUpdate = true
+    await alice.page.keyboard.type('!')
+    await waitFor(() => dropped === 1, { timeout: 3000, message: 'the echo of "!" to be dropped' })
+    // the server has "!": a page that never lost anything gets it
+    const bob = await DemoPage.open(await newContext(), server.url(`#doc=${doc}`), { name: 'Bob' })
+    await bob.waitForText('confirmed!', 3000)
+    // and Alice's page, back online, learns that the server has it
+    await alice.waitForSaved(5000)
+    assert.equal(await alice.text(), 'confirmed!')
+    assert.equal(dropped, 1)
+    alice.assertNoConsoleErrors()
+    bob.assertNoConsoleErrors()
+  } finally {
+    await closeContexts()
+  }
+})
+
 test('server restart: pages go offline, keep editing, reconnect by themselves and merge', { timeout: 90000 }, async (t) => {
   const doc = docName('restart')
   try {

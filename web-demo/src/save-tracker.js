@@ -14,11 +14,21 @@
 // editing (the edits are sent in the client's SyncStep2 on reconnect, the server applies and
 // echoes them), for concurrent deletes of the same text (the other user's delete reaches the
 // shadow too), and for updates that the server merges or re-encodes before echoing.
+//
+// An echo can be lost: the socket may close after the server applied an edit but before the echo
+// arrived (a network drop, or the server closing with 4401 when the token expires). On the next
+// connection the provider's SyncStep1 carries the doc's state vector, which already covers that
+// edit, so the server's answer leaves it out and the shadow would lack it forever ("saving…").
+// So whenever a socket opens while the shadow lags behind the doc, the tracker sends a SyncStep1
+// of its own with the shadow's state vector: the answer holds everything the server has and the
+// shadow lacks. The provider applies that answer too, a no-op for a doc that has it all.
 
 import * as Y from 'yjs'
 import * as decoding from 'lib0/decoding'
+import * as encoding from 'lib0/encoding'
 
 const MESSAGE_SYNC = 0
+const SYNC_STEP_1 = 0
 const SYNC_STEP_2 = 1
 const SYNC_UPDATE = 2
 
@@ -57,6 +67,8 @@ export class SaveTracker {
     const ws = this.provider.ws
     if (!ws || this._sockets.has(ws)) return
     this._sockets.add(ws)
+    if (ws.readyState === WebSocket.OPEN) this._askForLostEchoes(ws)
+    else ws.addEventListener('open', () => this._askForLostEchoes(ws))
     ws.addEventListener('message', (event) => {
       if (this.provider.ws !== ws || !(event.data instanceof ArrayBuffer)) return
       try {
@@ -71,6 +83,15 @@ export class SaveTracker {
         // a message the provider itself rejects; nothing to track
       }
     })
+  }
+
+  _askForLostEchoes (ws) {
+    if (this.provider.ws !== ws || this._compare()) return
+    const encoder = encoding.createEncoder()
+    encoding.writeVarUint(encoder, MESSAGE_SYNC)
+    encoding.writeVarUint(encoder, SYNC_STEP_1)
+    encoding.writeVarUint8Array(encoder, Y.encodeStateVector(this.shadow))
+    ws.send(encoding.toUint8Array(encoder))
   }
 
   // Comparing snapshots walks the whole document: do it at most every 150 ms while typing, but
