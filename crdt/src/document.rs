@@ -1,5 +1,6 @@
 //! A shared document: the yrs `Doc` with its awareness, and the rules for applying input to it.
 
+use std::cell::OnceCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use thiserror::Error;
@@ -8,6 +9,7 @@ use yrs::updates::decoder::Decode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use crate::awareness::{AwarenessStates, NULL};
+use crate::dormant::{doc_from_state, Dormant};
 use crate::protocol;
 
 #[derive(Debug, Error)]
@@ -45,7 +47,12 @@ pub struct AwarenessChange {
 }
 
 pub struct Document {
-    doc: Doc,
+    /// The yrs document, built from `dormant` when something first needs it.
+    live: OnceCell<Doc>,
+    /// The content as bytes, for as long as they match `live` (or while there is no `live`).
+    /// A yrs document costs several times its encoded size (about 600 bytes when empty, tens of
+    /// bytes per item), so documents that are open but not edited keep only this.
+    dormant: Option<Box<Dormant>>,
     awareness: AwarenessStates,
     /// Entries of removed awareness clients kept (for their clock) before they are forgotten.
     max_removed_awareness: usize,
@@ -63,11 +70,20 @@ impl Default for Document {
 }
 
 impl Document {
+    /// An empty document, dormant until its first change.
     pub fn new() -> Self {
-        // gc stays on: tombstone content is dropped as in the reference server, which keeps the
-        // memory of long-edited documents close to their visible size.
         Document {
-            doc: Doc::new(),
+            live: OnceCell::new(),
+            dormant: Some(Box::new(Dormant::empty())),
+            awareness: AwarenessStates::default(),
+            max_removed_awareness: MAX_REMOVED_AWARENESS,
+        }
+    }
+
+    fn from_doc(doc: Doc) -> Self {
+        Document {
+            live: OnceCell::from(doc),
+            dormant: None,
             awareness: AwarenessStates::default(),
             max_removed_awareness: MAX_REMOVED_AWARENESS,
         }
@@ -78,9 +94,16 @@ impl Document {
         snapshot: Option<&[u8]>,
         log: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Self, DocumentError> {
-        let doc = Document::new();
+        let mut log = log.into_iter().peekable();
+        if snapshot.is_none() && log.peek().is_none() {
+            // a new document: dormant until its first change
+            return Ok(Document::new());
+        }
+        // gc stays on: tombstone content is dropped as in the reference server, which keeps the
+        // memory of long-edited documents close to their visible size.
+        let doc = Doc::new();
         {
-            let mut txn = doc.doc.transact_mut();
+            let mut txn = doc.transact_mut();
             if let Some(snapshot) = snapshot {
                 let update =
                     Update::decode_v1(snapshot).map_err(|source| DocumentError::CorruptStored {
@@ -98,21 +121,74 @@ impl Document {
                 txn.apply_update(update)?;
             }
         }
-        Ok(doc)
+        Ok(Document::from_doc(doc))
     }
 
     /// Takes over `other`'s content while keeping this document's awareness states, for
     /// rebuilding a document from storage under live connections.
     pub fn replace_content(&mut self, other: Document) {
-        self.doc = other.doc;
+        self.live = other.live;
+        self.dormant = other.dormant;
     }
 
+    /// The yrs document, built first if the document is dormant. For reading: a change made
+    /// through it would not reach the dormant bytes (`apply_update` is the way to change it).
     pub fn doc(&self) -> &Doc {
-        &self.doc
+        self.live.get_or_init(|| {
+            let dormant = self
+                .dormant
+                .as_deref()
+                .expect("a document is live or dormant");
+            // `hibernate` built a document from these very bytes before keeping them.
+            doc_from_state(&dormant.state).expect("a dormant document's state loads")
+        })
+    }
+
+    /// Whether the document holds only its bytes (no yrs document in memory).
+    pub fn is_dormant(&self) -> bool {
+        self.live.get().is_none()
+    }
+
+    /// Keeps the content as bytes only, freeing the yrs document; the next change or read that
+    /// needs it builds it again from them. Returns whether the document is now dormant: one
+    /// holding blocks that wait for missing predecessors stays live, as the bytes (like every
+    /// diff and snapshot) would leave those out. Costs an encode and a load of the document, the
+    /// load proving that the bytes give back the same document before it is let go.
+    pub fn hibernate(&mut self) -> bool {
+        let Some(doc) = self.live.get() else {
+            return true;
+        };
+        if doc.transact().has_missing_updates() {
+            return false;
+        }
+        if self.dormant.is_none() {
+            let dormant = Dormant::of(doc);
+            let same = doc_from_state(&dormant.state)
+                .is_ok_and(|copy| copy.transact().snapshot() == doc.transact().snapshot());
+            if !same {
+                return false;
+            }
+            self.dormant = Some(Box::new(dormant));
+        }
+        self.live = OnceCell::new();
+        true
     }
 
     pub fn state_vector(&self) -> StateVector {
+        if self.live.get().is_none() {
+            if let Some(sv) = self.dormant.as_ref().and_then(|d| d.state_vector()) {
+                return sv;
+            }
+        }
         self.doc().transact().state_vector()
+    }
+
+    /// The whole document as one v1 update when it is at hand without a yrs document.
+    fn dormant_state(&self, sv: &StateVector) -> Option<&[u8]> {
+        match &self.dormant {
+            Some(d) if *sv == StateVector::default() => Some(&d.state),
+            _ => None,
+        }
     }
 
     /// The server's SyncStep1, sent to every connection when it opens.
@@ -122,6 +198,9 @@ impl Document {
 
     /// The SyncStep2 answering a client's SyncStep1: everything the client lacks.
     pub fn sync_step2_message(&self, client_sv: &StateVector) -> Vec<u8> {
+        if let Some(state) = self.dormant_state(client_sv) {
+            return protocol::encode_sync_step2(state);
+        }
         let diff = self.doc().transact().encode_diff_v1(client_sv);
         protocol::encode_sync_step2(&diff)
     }
@@ -134,6 +213,9 @@ impl Document {
     /// blocks whose encoding does not decode again (found by the fuzzer), and compaction calls
     /// this from the document actor.
     pub fn encode_state(&self) -> Vec<u8> {
+        if let Some(state) = self.dormant_state(&StateVector::default()) {
+            return state.to_vec();
+        }
         self.doc()
             .transact()
             .encode_diff_v1(&StateVector::default())
@@ -141,6 +223,9 @@ impl Document {
 
     /// What a peer holding `sv` lacks, as one v1 update.
     pub fn encode_diff(&self, sv: &StateVector) -> Vec<u8> {
+        if let Some(state) = self.dormant_state(sv) {
+            return state.to_vec();
+        }
         self.doc().transact().encode_diff_v1(sv)
     }
 
@@ -158,7 +243,19 @@ impl Document {
     /// what gets persisted and broadcast; `None` when nothing changed (a duplicate, or blocks
     /// still waiting for missing predecessors), in which case the reference server sends nothing.
     pub fn apply_update(&mut self, update: Update) -> Result<Option<Vec<u8>>, DocumentError> {
-        let doc = &self.doc;
+        if update.is_empty() && self.is_dormant() {
+            // A joining client's SyncStep2 with nothing in it: no need to wake the document.
+            return Ok(None);
+        }
+        let outcome = self.apply_to_live(update);
+        if !matches!(outcome, Ok(None)) {
+            self.dormant = None;
+        }
+        outcome
+    }
+
+    fn apply_to_live(&self, update: Update) -> Result<Option<Vec<u8>>, DocumentError> {
+        let doc = self.doc();
         let result = catch_unwind(AssertUnwindSafe(|| {
             let mut txn = doc.transact_mut();
             // yrs integrates blocks that follow a hole in their client's clocks (when they

@@ -78,6 +78,7 @@ pub struct Stats {
     pub violations: u64,
     pub reconnects: u64,
     pub compactions: u64,
+    pub hibernations: u64,
     pub restarts: u64,
 }
 
@@ -97,6 +98,7 @@ impl std::ops::AddAssign for Stats {
         self.violations += o.violations;
         self.reconnects += o.reconnects;
         self.compactions += o.compactions;
+        self.hibernations += o.hibernations;
         self.restarts += o.restarts;
     }
 }
@@ -117,7 +119,8 @@ pub fn run(data: &[u8]) -> Stats {
                 s.frame(conn, frame);
             }
             48..=55 => s.reconnect(conn, op & 4 != 0),
-            56..=59 => s.compact(),
+            56..=57 => s.compact(),
+            58..=59 => s.hibernate(),
             _ => s.restart(),
         }
         s.deliver();
@@ -150,6 +153,7 @@ pub fn reconnect_op(conn: u8, read_only: bool) -> u8 {
     (48 << 2) | (u8::from(read_only) << 2) | (conn & 3)
 }
 pub const COMPACT_OP: u8 = 56 << 2;
+pub const HIBERNATE_OP: u8 = 58 << 2;
 pub const RESTART_OP: u8 = 60 << 2;
 
 #[derive(Default)]
@@ -467,6 +471,53 @@ impl Server {
         self.snapshot = Some(self.doc.encode_state());
         self.log.clear();
         assert_same(&self.load_store(), &self.doc, "compacted store");
+    }
+
+    /// The actor lets a quiet document keep only its bytes. What it answers while dormant must
+    /// be what it answered live; the ops that follow run against the dormant document, and
+    /// `check_all` compares the one it wakes into with the store.
+    fn hibernate(&mut self) {
+        let sv = self.doc.state_vector();
+        let state = self.doc.encode_state();
+        let step1 = self.doc.sync_step1_message();
+        let step2 = self.doc.sync_step2_message(&StateVector::default());
+        if !self.doc.hibernate() {
+            // blocks held pending for missing predecessors keep it live
+            assert!(!self.doc.is_dormant());
+            return;
+        }
+        self.stats.hibernations += 1;
+        assert!(self.doc.is_dormant());
+        assert_eq!(self.doc.state_vector(), sv, "dormant state vector");
+        let step1_sv = |m: &[u8]| match outgoing(m, "server SyncStep1") {
+            ClientMessage::SyncStep1(sv) => sv,
+            _ => panic!("server SyncStep1 is not SyncStep1"),
+        };
+        assert_eq!(
+            step1_sv(&self.doc.sync_step1_message()),
+            step1_sv(&step1),
+            "dormant SyncStep1"
+        );
+        let dormant_state = self.doc.encode_state();
+        let dormant_step2 = self.doc.sync_step2_message(&StateVector::default());
+        assert!(
+            self.doc.is_dormant(),
+            "answering a joiner woke the document"
+        );
+        // The bytes may order blocks differently from a fresh encode; they must hold the same.
+        let load = |state: &[u8]| Document::load(Some(state), []).expect("state bytes load");
+        assert_same(&load(&dormant_state), &load(&state), "dormant state");
+        let join = |step2: &[u8]| {
+            let ClientMessage::SyncStep2(u) = outgoing(step2, "full SyncStep2") else {
+                panic!("full SyncStep2 is not SyncStep2");
+            };
+            let mut joiner = Document::new();
+            joiner
+                .apply_update(u)
+                .expect("a joiner applies the full state");
+            joiner
+        };
+        assert_same(&join(&dormant_step2), &join(&step2), "dormant SyncStep2");
     }
 
     fn restart(&mut self) {

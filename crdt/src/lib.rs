@@ -6,6 +6,7 @@
 
 mod awareness;
 pub mod document;
+mod dormant;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod protocol;

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use collab_crdt::fuzzing::{self, encode_frame_op, reconnect_op, Stats, COMPACT_OP, RESTART_OP};
+use collab_crdt::fuzzing::{
+    self, encode_frame_op, reconnect_op, Stats, COMPACT_OP, HIBERNATE_OP, RESTART_OP,
+};
 use collab_crdt::protocol::{
     encode_awareness, encode_permission_denied, encode_sync_step1, encode_sync_step2, encode_update,
 };
@@ -144,6 +146,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             .op(reconnect_op(0, false))
             .frame(1, &awareness(&[(2, 2, "null")]))
             .op(COMPACT_OP)
+            .op(HIBERNATE_OP)
+            .frame(3, &encode_sync_step1(&StateVector::default()))
             .frame(2, &encode_sync_step1(&sv_b))
             .op(RESTART_OP)
             .frame(3, &encode_sync_step1(&StateVector::default()));
@@ -209,10 +213,15 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         out.push(("all_types", input.0));
 
         // The same updates, newest first: each waits for its predecessors, then all integrate.
+        // Hibernating halfway finds blocks parked: the document stays live.
         let mut input = Input::new(cap64);
-        for u in updates.iter().rev() {
+        for (i, u) in updates.iter().rev().enumerate() {
             input = input.frame(1, &encode_update(u));
+            if i == updates.len() / 2 {
+                input = input.op(HIBERNATE_OP);
+            }
         }
+        input = input.op(HIBERNATE_OP);
         out.push(("out_of_order", input.0));
 
         // One frame carrying several messages, as a client flushing a queue does.
@@ -349,6 +358,9 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             if i == 20 {
                 input = input.op(COMPACT_OP);
             }
+            if i % 15 == 14 {
+                input = input.op(HIBERNATE_OP);
+            }
         }
         out.push(("long_document", input.op(RESTART_OP).0));
     }
@@ -374,6 +386,7 @@ fn seeds_hold_the_invariants() {
     }
     assert!(total.updates_applied > 20, "{total:?}");
     assert!(total.awareness_changes > 3, "{total:?}");
+    assert!(total.hibernations > 3, "{total:?}");
     assert!(
         total.refused_writes > 0 && total.bad_frames > 0,
         "{total:?}"
