@@ -129,6 +129,11 @@ pub struct Config {
     #[arg(long, env = "COLLAB_GRACE_PERIOD_SECS", default_value_t = 30)]
     pub grace_period_secs: u64,
 
+    /// Seconds without a change after which a loaded document keeps only its encoded bytes,
+    /// freeing its yrs document until the next change (0: never).
+    #[arg(long, env = "COLLAB_HIBERNATE_AFTER_SECS", default_value_t = 30)]
+    pub hibernate_after_secs: u64,
+
     /// Compact a document once its update log holds this many entries.
     #[arg(long, env = "COLLAB_COMPACT_AFTER_UPDATES", default_value_t = 1000)]
     pub compact_after_updates: u64,
@@ -458,6 +463,10 @@ impl Config {
 
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
+    }
+
+    pub fn hibernate_after(&self) -> Duration {
+        Duration::from_secs(self.hibernate_after_secs)
     }
 
     pub fn awareness_batch(&self) -> Duration {

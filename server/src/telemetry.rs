@@ -93,6 +93,8 @@ pub struct Metrics {
     pub updates_applied: IntCounter,
     updates_refused: [IntCounter; 3],
     pub documents_loaded: IntGauge,
+    pub documents_dormant: IntGauge,
+    pub document_hibernations: IntCounter,
     pub document_loads: IntCounter,
     pub document_unloads: IntCounter,
     pub compactions: IntCounter,
@@ -250,6 +252,16 @@ impl Metrics {
             updates_refused: ["read_only", "malformed", "too_large"]
                 .map(|reason| refused.with_label_values(&[reason])),
             documents_loaded: gauge(&r, "collab_documents_loaded", "Documents in memory."),
+            documents_dormant: gauge(
+                &r,
+                "collab_documents_dormant",
+                "Loaded documents held as their encoded bytes only (quiet, or never edited).",
+            ),
+            document_hibernations: counter(
+                &r,
+                "collab_document_hibernations_total",
+                "Times a quiet document let go of its yrs document (--hibernate-after-secs).",
+            ),
             document_loads: counter(
                 &r,
                 "collab_document_loads_total",

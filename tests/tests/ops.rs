@@ -297,3 +297,71 @@ async fn a_document_unloads_a_grace_period_after_its_last_leave_and_not_before()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Polls /metrics until `series` satisfies `ok`, for up to five seconds.
+async fn wait_metric(server: &Server, series: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = value(&scrape(server.addr), series);
+        if ok(v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} stayed at {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A document nobody edits for `--hibernate-after-secs` keeps only its encoded bytes: joiners
+/// are served from them without waking it; a client holding part of the document, and the
+/// next edit, wake it with nothing lost; and durability does not depend on it.
+#[tokio::test]
+async fn a_quiet_document_sleeps_as_bytes_and_wakes_with_nothing_lost() {
+    use yrs::updates::decoder::Decode;
+    use yrs::{ReadTxn, Transact};
+    let mut server = Server::start(&["--hibernate-after-secs", "1"]);
+    let dormant = "collab_documents_dormant";
+    let a = synced_client(&server.url("sleepy")).await;
+    // a new document is dormant until its first edit
+    wait_metric(&server, dormant, |v| v == 1.0).await;
+    a.insert(0, "hello");
+    wait_metric(&server, dormant, |v| v == 0.0).await;
+    wait_metric(&server, dormant, |v| v == 1.0).await;
+    assert_eq!(
+        value(&scrape(server.addr), "collab_document_hibernations_total"),
+        1.0,
+        "{}",
+        server.log()
+    );
+
+    let b = synced_client(&server.url("sleepy")).await;
+    b.wait_text("hello").await;
+    assert_eq!(
+        value(&scrape(server.addr), dormant),
+        1.0,
+        "a joiner woke the document"
+    );
+    let partial = yrs::Doc::new();
+    partial
+        .transact_mut()
+        .apply_update(
+            yrs::Update::decode_v1(
+                &b.doc
+                    .transact()
+                    .encode_state_as_update_v1(&yrs::StateVector::default()),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+
+    a.insert(5, " world");
+    b.wait_text("hello world").await;
+    wait_metric(&server, "collab_document_hibernations_total", |v| v == 2.0).await;
+    // a client that has "hello" needs a diff: built from the woken document
+    let c = Client::connect_with(&server.url("sleepy"), partial).await;
+    c.wait_text("hello world").await;
+
+    server.kill9();
+    server.restart();
+    let d = synced_client(&server.url("sleepy")).await;
+    d.wait_text("hello world").await;
+}

@@ -155,6 +155,7 @@ impl DocActor {
                 match result {
                     Ok(existed) => {
                         act.document = Some(Document::new());
+                        act.document_used(ctx);
                         act.next_seq = 0;
                         act.log_count = 0;
                         act.log_bytes = 0;
@@ -192,6 +193,7 @@ impl Handler<ApplyUpdate> for DocActor {
 
     fn handle(&mut self, msg: ApplyUpdate, ctx: &mut Self::Context) -> Self::Result {
         let outcome = self.backend_apply(&msg.update, ctx);
+        self.document_used(ctx);
         let durable = outcome.as_ref().ok().map(|_| self.when_durable(ctx));
         Box::pin(async move {
             let changed = outcome?;
@@ -244,6 +246,7 @@ impl Handler<ReadState> for DocActor {
                 Some(sv) => doc.encode_diff(sv),
             }
         });
+        self.document_used(ctx);
         let durable = read.as_ref().ok().map(|_| self.when_durable(ctx));
         Box::pin(async move {
             let bytes = read?;

@@ -173,6 +173,7 @@ impl DocActor {
             Ok(None) => Ok(false),
             Ok(Some(diff)) => {
                 self.full_state = None;
+                self.changed_since_armed = true;
                 let seq = self.next_seq;
                 if let (Some(cluster), Some(f)) = (self.registry.cluster(), &mut self.following) {
                     // Counted for compaction when read back from the stream, with its id.
@@ -241,9 +242,17 @@ impl Handler<Incoming> for DocActor {
             ));
         }
         let mut replies = 0;
+        let mut outcome = Ok(());
         for m in msg.messages {
-            replies += self.handle_message(msg.conn, m, msg.bytes, msg.received, ctx)?;
+            match self.handle_message(msg.conn, m, msg.bytes, msg.received, ctx) {
+                Ok(n) => replies += n,
+                Err(v) => {
+                    outcome = Err(v);
+                    break;
+                }
+            }
         }
-        Ok(replies)
+        self.document_used(ctx);
+        outcome.map(|()| replies)
     }
 }

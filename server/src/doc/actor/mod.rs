@@ -31,6 +31,8 @@ mod load;
 mod flush;
 // Sending to one connection or to all of them.
 mod send;
+// Letting a quiet document keep only its bytes.
+mod hibernate;
 
 use load::{load, load_doc, LoadError};
 use remote::Following;
@@ -126,6 +128,12 @@ pub struct DocActor {
     auto_version_armed: bool,
     /// A version is being written.
     versioning: bool,
+    /// The document is counted in the dormant-documents gauge.
+    counted_dormant: bool,
+    /// A hibernation check is scheduled (`hibernate.rs`).
+    hibernation_armed: bool,
+    /// The document changed since that check was scheduled.
+    changed_since_armed: bool,
     /// Cluster mode: where this document stands in the Redis stream (`None` outside cluster
     /// mode, and until loaded). Boxed, as it is part of every document actor otherwise.
     following: Option<Box<Following>>,
@@ -160,6 +168,9 @@ impl DocActor {
             delete_reply: None,
             auto_version_armed: false,
             versioning: false,
+            counted_dormant: false,
+            hibernation_armed: false,
+            changed_since_armed: false,
             following: None,
         }
     }
@@ -382,6 +393,7 @@ impl DocActor {
                         doc.replace_content(loaded.document);
                     }
                     act.full_state = None;
+                    act.document_used(ctx);
                     warn!(doc = %act.name, "document rebuilt from storage after a rejected update");
                 }
                 Err(e) => act.fail(format!("reload failed: {e}"), ctx),
@@ -397,6 +409,7 @@ impl Actor for DocActor {
         if let (Some(cluster), Some(_)) = (self.registry.cluster(), &self.following) {
             cluster.unregister(&self.name, &ctx.address().recipient());
         }
+        self.uncount_dormant();
         if self.counted_loaded {
             METRICS.documents_loaded.dec();
             METRICS.document_unloads.inc();
@@ -430,6 +443,7 @@ impl Actor for DocActor {
                     act.encoded_estimate = loaded.snapshot_bytes + loaded.log_bytes;
                     act.snapshot_bytes = loaded.snapshot_bytes;
                     act.follow_stream(loaded.position, loaded.backlog, ctx);
+                    act.document_used(ctx);
                     // A document nobody joins (every joiner gave up while it loaded) still unloads.
                     act.became_idle(ctx);
                 }

@@ -117,6 +117,7 @@ impl DocActor {
             Ok(None) => true,
             Ok(Some(diff)) => {
                 self.full_state = None;
+                self.changed_since_armed = true;
                 self.encoded_estimate += diff.len() as u64;
                 if self.pending.is_empty() {
                     let msg = Bytes::from(protocol::encode_update(&diff));
@@ -170,6 +171,7 @@ impl DocActor {
                     act.snapshot_bytes = loaded.snapshot_bytes;
                     info!(doc = %act.name, position = %loaded.position, "document reloaded from Redis");
                     act.follow_stream(loaded.position, loaded.backlog, ctx);
+                    act.document_used(ctx);
                 }
                 Err(e) => act.fail(format!("reload from Redis failed: {e}"), ctx),
             },
@@ -259,6 +261,7 @@ impl Handler<RemoteEvent> for DocActor {
                     }
                 }
                 self.sync_backlog();
+                self.document_used(ctx);
                 if let Some(f) = self.following.as_mut() {
                     f.stream_pos = f.stream_pos.max(upto);
                 }
