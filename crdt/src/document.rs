@@ -1,6 +1,8 @@
 //! A shared document: the yrs `Doc` with its awareness, and the rules for applying input to it.
 
 use std::cell::OnceCell;
+
+use bytes::Bytes;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use thiserror::Error;
@@ -140,7 +142,7 @@ impl Document {
                 .as_deref()
                 .expect("a document is live or dormant");
             // `hibernate` built a document from these very bytes before keeping them.
-            doc_from_state(&dormant.state).expect("a dormant document's state loads")
+            doc_from_state(dormant.state()).expect("a dormant document's state loads")
         })
     }
 
@@ -161,17 +163,28 @@ impl Document {
         if doc.transact().has_missing_updates() {
             return false;
         }
-        if self.dormant.is_none() {
-            let dormant = Dormant::of(doc);
-            let same = doc_from_state(&dormant.state)
+        let dormant = self
+            .dormant
+            .get_or_insert_with(|| Box::new(Dormant::of(doc)));
+        if !dormant.verified {
+            let same = doc_from_state(dormant.state())
                 .is_ok_and(|copy| copy.transact().snapshot() == doc.transact().snapshot());
             if !same {
                 return false;
             }
-            self.dormant = Some(Box::new(dormant));
+            dormant.verified = true;
         }
         self.live = OnceCell::new();
         true
+    }
+
+    /// The SyncStep2 for a client with an empty state vector (every new client): encoded once
+    /// after each change and shared by every joiner until the next one.
+    pub fn full_sync_step2(&mut self) -> Bytes {
+        if self.dormant.is_none() {
+            self.dormant = Some(Box::new(Dormant::of(self.doc())));
+        }
+        self.dormant.as_ref().map(|d| d.step2()).unwrap_or_default()
     }
 
     pub fn state_vector(&self) -> StateVector {
@@ -186,7 +199,7 @@ impl Document {
     /// The whole document as one v1 update when it is at hand without a yrs document.
     fn dormant_state(&self, sv: &StateVector) -> Option<&[u8]> {
         match &self.dormant {
-            Some(d) if *sv == StateVector::default() => Some(&d.state),
+            Some(d) if *sv == StateVector::default() => Some(d.state()),
             _ => None,
         }
     }

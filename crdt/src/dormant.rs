@@ -1,34 +1,61 @@
 //! A document's content kept as bytes while nobody edits it (see `Document::hibernate`).
 
+use bytes::Bytes;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, StateVector, Transact, Update};
 
 use crate::document::DocumentError;
+use crate::protocol;
 
 pub(crate) struct Dormant {
-    /// The whole document as one v1 update.
-    pub(crate) state: Box<[u8]>,
-    /// Its state vector, v1-encoded.
-    pub(crate) sv: Box<[u8]>,
+    /// The whole document as a SyncStep2 message (a v1 update behind the message prefix), the
+    /// answer to every joiner, shared.
+    step2: Bytes,
+    /// Where the update starts in `step2`.
+    update_at: u8,
+    /// A document built from these bytes compared equal to the one they were encoded from.
+    pub(crate) verified: bool,
+    /// The state vector, v1-encoded.
+    sv: Bytes,
 }
+
+/// A new document: SyncStep2 of an empty update, an empty state vector. Static: a new document
+/// allocates nothing for them.
+const EMPTY_STEP2: &[u8] = &[0, 1, 2, 0, 0];
+const EMPTY_SV: &[u8] = &[0];
 
 impl Dormant {
     pub(crate) fn empty() -> Self {
         Dormant {
-            state: Update::EMPTY_V1.into(),
-            sv: StateVector::default().encode_v1().into_boxed_slice(),
+            step2: Bytes::from_static(EMPTY_STEP2),
+            update_at: 3,
+            verified: true,
+            sv: Bytes::from_static(EMPTY_SV),
         }
     }
 
+    /// `doc`'s bytes, not yet verified.
     pub(crate) fn of(doc: &Doc) -> Self {
         let txn = doc.transact();
+        let update = txn.encode_diff_v1(&StateVector::default());
+        // Boxed first: a `Vec`'s spare capacity (about 1 KiB for a small document) would stay
+        // allocated for as long as the bytes.
+        let step2 = protocol::encode_sync_step2(&update).into_boxed_slice();
         Dormant {
-            state: txn
-                .encode_diff_v1(&StateVector::default())
-                .into_boxed_slice(),
-            sv: txn.state_vector().encode_v1().into_boxed_slice(),
+            update_at: (step2.len() - update.len()) as u8,
+            step2: Bytes::from(step2),
+            verified: false,
+            sv: Bytes::from(txn.state_vector().encode_v1().into_boxed_slice()),
         }
+    }
+
+    pub(crate) fn step2(&self) -> Bytes {
+        self.step2.clone()
+    }
+
+    pub(crate) fn state(&self) -> &[u8] {
+        &self.step2[usize::from(self.update_at)..]
     }
 
     pub(crate) fn state_vector(&self) -> Option<StateVector> {
@@ -73,6 +100,38 @@ mod tests {
             Some(ClientMessage::SyncStep2(u)) => u,
             _ => panic!("not a SyncStep2"),
         }
+    }
+
+    #[test]
+    fn the_static_bytes_of_a_new_document_are_those_of_an_empty_one() {
+        let (empty, encoded) = (super::Dormant::empty(), super::Dormant::of(&Doc::new()));
+        assert_eq!(empty.step2, encoded.step2);
+        assert_eq!(empty.state(), encoded.state());
+        assert_eq!(empty.sv, encoded.sv);
+    }
+
+    #[test]
+    fn the_full_sync_answer_is_encoded_once_per_change_and_shared() {
+        let client = Doc::new();
+        let mut doc = Document::new();
+        doc.apply_update(edit(&client, |t, txn| t.insert(txn, 0, "a")))
+            .unwrap();
+        let first = doc.full_sync_step2();
+        assert_eq!(
+            doc.full_sync_step2().as_ptr(),
+            first.as_ptr(),
+            "encoded again"
+        );
+        doc.apply_update(edit(&client, |t, txn| t.insert(txn, 1, "b")))
+            .unwrap();
+        let after = doc.full_sync_step2();
+        assert_ne!(after, first, "a change left the old answer");
+        let Some(ClientMessage::SyncStep2(u)) = decode_frame(&after).unwrap().pop() else {
+            panic!("not a SyncStep2");
+        };
+        let mut joiner = Document::new();
+        joiner.apply_update(u).unwrap();
+        assert_eq!(text_of(&joiner), "ab");
     }
 
     #[test]

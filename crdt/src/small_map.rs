@@ -1,5 +1,5 @@
 //! A map for the per-document tables that usually hold a handful of entries (a document's
-//! connections, its awareness clients): a `Vec` searched in order, indexed by a hash map only
+//! connections, its awareness clients): a list (`ThinVec`) searched in order, indexed by a hash map only
 //! once it is large.
 //!
 //! Every open document has such tables, and a hash map's smallest table (four buckets) cost a
@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+use thin_vec::ThinVec;
+
 /// Entries from which lookups go through the index; it is dropped again at half of this.
 const INDEX_FROM: usize = 16;
 
@@ -17,7 +19,9 @@ const INDEX_FROM: usize = 16;
 const EXACT_UP_TO: usize = 4;
 
 pub struct SmallMap<K, V> {
-    list: Vec<(K, V)>,
+    /// A `ThinVec`: its length and capacity live in the allocation, so an empty map is one
+    /// pointer, and the map 16 bytes in every document.
+    list: ThinVec<(K, V)>,
     /// Boxed: most maps never have one, and the map is part of every document.
     #[allow(
         clippy::box_collection,
@@ -29,7 +33,7 @@ pub struct SmallMap<K, V> {
 impl<K, V> Default for SmallMap<K, V> {
     fn default() -> Self {
         SmallMap {
-            list: Vec::new(),
+            list: ThinVec::new(),
             index: None,
         }
     }
@@ -115,7 +119,7 @@ impl<K: Copy + Eq + Hash, V> SmallMap<K, V> {
     }
 
     /// Removes every entry, and gives the room back.
-    pub fn take_all(&mut self) -> Vec<(K, V)> {
+    pub fn take_all(&mut self) -> ThinVec<(K, V)> {
         self.index = None;
         std::mem::take(&mut self.list)
     }
@@ -132,7 +136,7 @@ impl<K: Copy + Eq + Hash, V> SmallMap<K, V> {
             self.index = None;
         }
         if self.list.len() < self.list.capacity() / 4 {
-            self.list.shrink_to(self.list.len() * 2);
+            self.list.shrink_to_fit();
         }
         if let Some(index) = &mut self.index {
             if index.len() < index.capacity() / 4 {

@@ -22,7 +22,7 @@ impl DocActor {
     /// Refuses backend requests the actor cannot serve right now.
     fn backend_ready(&self) -> Result<(), DocError> {
         if let Some(reason) = &self.failed {
-            return Err(DocError::Unavailable(reason.clone()));
+            return Err(DocError::Unavailable(reason.to_string()));
         }
         if self.deleting {
             return Err(DocError::Deleting);
@@ -159,7 +159,6 @@ impl DocActor {
                         act.next_seq = 0;
                         act.log_count = 0;
                         act.log_bytes = 0;
-                        act.full_state = None;
                         act.awareness_dirty.clear();
                         act.auto_version_armed = false;
                         if let Some(f) = act.following.as_mut() {

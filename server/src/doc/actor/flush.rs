@@ -17,7 +17,8 @@ impl DocActor {
         if self.flushing.is_some() || self.pending.is_empty() {
             return;
         }
-        self.flushing = Some(self.pending.len());
+        // A flush covers what was pending when it was asked for: far fewer than 2^32 entries.
+        self.flushing = Some(self.pending.len() as u32);
         if let Some(cluster) = self.registry.cluster().cloned() {
             let name = self.name.clone();
             ctx.spawn(
@@ -53,7 +54,7 @@ impl DocActor {
             self.fail(format!("storage flush failed: {e}"), ctx);
             return;
         }
-        let durable: Vec<Pending> = self.pending.drain(..covered).collect();
+        let durable: Vec<Pending> = self.pending.drain(..covered as usize).collect();
         let changed = durable.iter().any(|p| matches!(p, Pending::Update(..)));
         let started = Instant::now();
         self.deliver(durable, ctx);

@@ -42,8 +42,6 @@ impl DocActor {
                 return;
             };
             if doc.hibernate() {
-                // A joiner's SyncStep2 is cheap to build from the dormant bytes.
-                act.full_state = None;
                 METRICS.document_hibernations.inc();
                 debug!(doc = %act.name, "document quiet, kept as bytes");
             }

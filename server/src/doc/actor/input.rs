@@ -53,11 +53,7 @@ impl DocActor {
         match msg {
             ClientMessage::SyncStep1(sv) => {
                 let bytes = if sv == StateVector::default() {
-                    // Copied to its exact size: the encoder's spare capacity (about 1 KiB for a
-                    // small document) would otherwise stay allocated for as long as the cache.
-                    self.full_state
-                        .get_or_insert_with(|| Bytes::copy_from_slice(&doc.sync_step2_message(&sv)))
-                        .clone()
+                    doc.full_sync_step2()
                 } else {
                     Bytes::from(doc.sync_step2_message(&sv))
                 };
@@ -172,7 +168,6 @@ impl DocActor {
         match applied {
             Ok(None) => Ok(false),
             Ok(Some(diff)) => {
-                self.full_state = None;
                 self.changed_since_armed = true;
                 let seq = self.next_seq;
                 if let (Some(cluster), Some(f)) = (self.registry.cluster(), &mut self.following) {
@@ -236,9 +231,9 @@ impl Handler<Incoming> for DocActor {
     fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) -> Self::Result {
         if !self.conns.contains_key(&msg.conn) {
             // Dropped (too slow, or the document failed) while this frame was in flight.
-            return Err(self.failed.clone().map_or(
+            return Err(self.failed.as_deref().map_or(
                 Violation::Unavailable("connection was dropped".into()),
-                Violation::Unavailable,
+                |reason| Violation::Unavailable(reason.to_owned()),
             ));
         }
         let mut replies = 0;

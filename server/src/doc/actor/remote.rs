@@ -116,7 +116,6 @@ impl DocActor {
         match doc.apply_update(update) {
             Ok(None) => true,
             Ok(Some(diff)) => {
-                self.full_state = None;
                 self.changed_since_armed = true;
                 self.encoded_estimate += diff.len() as u64;
                 if self.pending.is_empty() {
@@ -144,7 +143,6 @@ impl DocActor {
         }
         info!(doc = %self.name, connections = conns.len(), "document deleted by another instance");
         self.document = Some(Document::new());
-        self.full_state = None;
         if let Some(f) = self.following.as_mut() {
             f.backlog.clear();
             f.announced = false;
