@@ -47,7 +47,7 @@ fn heap() -> isize {
 }
 
 fn main() {
-    for ops in [1, 100, 1_000, 10_000] {
+    for ops in [1, 100, 1_000, 10_000, 60_000] {
         let clients: Vec<Doc> = (1..=3)
             .map(|id| {
                 Doc::with_options(Options {
@@ -93,8 +93,12 @@ fn main() {
         let encoded = doc.encode_state().len();
         assert!(doc.hibernate());
         let dormant = heap() - before;
+        // waking: what the first change after a quiet spell pays on the actor's thread
+        let woke = std::time::Instant::now();
+        let _ = doc.doc();
+        let wake = woke.elapsed();
         println!(
-            "{ops:>6} edits: {} chars, encoded {encoded} B; heap live {live} B, dormant {dormant} B ({:.2}x)",
+            "{ops:>6} edits: {} chars, encoded {encoded} B; heap live {live} B, dormant {dormant} B ({:.2}x); wakes in {wake:?}",
             chars,
             live as f64 / dormant.max(1) as f64
         );

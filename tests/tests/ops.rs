@@ -365,3 +365,26 @@ async fn a_quiet_document_sleeps_as_bytes_and_wakes_with_nothing_lost() {
     let d = synced_client(&server.url("sleepy")).await;
     d.wait_text("hello world").await;
 }
+
+/// Rebuilding a dormant document runs on a thread other documents share, so one too large to
+/// rebuild quickly stays built however quiet it is.
+#[tokio::test]
+async fn a_document_over_256_kib_stays_built() {
+    let server = Server::start(&["--hibernate-after-secs", "1"]);
+    let a = synced_client(&server.url("big")).await;
+    let b = synced_client(&server.url("small")).await;
+    a.insert(0, &"x".repeat(300 * 1024));
+    b.insert(0, "small");
+    wait_metric(&server, "collab_document_hibernations_total", |v| v == 1.0).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let m = scrape(server.addr);
+    assert_eq!(value(&m, "collab_document_hibernations_total"), 1.0);
+    assert_eq!(
+        value(&m, "collab_documents_dormant"),
+        1.0,
+        "the large one slept"
+    );
+    let c = synced_client(&server.url("big")).await;
+    c.wait_for("the large document", |c| c.len() == 300 * 1024)
+        .await;
+}
