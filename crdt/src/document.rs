@@ -101,19 +101,12 @@ impl Document {
             // a new document: dormant until its first change
             return Ok(Document::new());
         }
-        // gc stays on: tombstone content is dropped as in the reference server, which keeps the
-        // memory of long-edited documents close to their visible size.
-        let doc = Doc::new();
+        let doc = match snapshot {
+            Some(snapshot) => doc_from_state(snapshot)?,
+            None => Doc::new(),
+        };
         {
             let mut txn = doc.transact_mut();
-            if let Some(snapshot) = snapshot {
-                let update =
-                    Update::decode_v1(snapshot).map_err(|source| DocumentError::CorruptStored {
-                        what: "snapshot",
-                        source,
-                    })?;
-                txn.apply_update(update)?;
-            }
             for entry in log {
                 let update =
                     Update::decode_v1(entry).map_err(|source| DocumentError::CorruptStored {
@@ -181,27 +174,28 @@ impl Document {
     /// The SyncStep2 for a client with an empty state vector (every new client): encoded once
     /// after each change and shared by every joiner until the next one.
     pub fn full_sync_step2(&mut self) -> Bytes {
-        if self.dormant.is_none() {
-            self.dormant = Some(Box::new(Dormant::of(self.doc())));
-        }
-        self.dormant.as_ref().map(|d| d.step2()).unwrap_or_default()
+        let dormant = match &mut self.dormant {
+            Some(d) => d,
+            slot @ None => {
+                let live = self.live.get().expect("a document is live or dormant");
+                slot.insert(Box::new(Dormant::of(live)))
+            }
+        };
+        dormant.step2()
     }
 
     pub fn state_vector(&self) -> StateVector {
-        if self.live.get().is_none() {
-            if let Some(sv) = self.dormant.as_ref().and_then(|d| d.state_vector()) {
-                return sv;
-            }
+        if let Some(sv) = self.dormant.as_ref().and_then(|d| d.state_vector()) {
+            return sv;
         }
         self.doc().transact().state_vector()
     }
 
-    /// The whole document as one v1 update when it is at hand without a yrs document.
-    fn dormant_state(&self, sv: &StateVector) -> Option<&[u8]> {
-        match &self.dormant {
-            Some(d) if *sv == StateVector::default() => Some(d.state()),
-            _ => None,
-        }
+    /// The document's bytes, when they are at hand and `sv` asks for everything.
+    fn dormant_for(&self, sv: &StateVector) -> Option<&Dormant> {
+        self.dormant
+            .as_deref()
+            .filter(|_| *sv == StateVector::default())
     }
 
     /// The server's SyncStep1, sent to every connection when it opens.
@@ -211,8 +205,8 @@ impl Document {
 
     /// The SyncStep2 answering a client's SyncStep1: everything the client lacks.
     pub fn sync_step2_message(&self, client_sv: &StateVector) -> Vec<u8> {
-        if let Some(state) = self.dormant_state(client_sv) {
-            return protocol::encode_sync_step2(state);
+        if let Some(d) = self.dormant_for(client_sv) {
+            return d.step2().to_vec();
         }
         let diff = self.doc().transact().encode_diff_v1(client_sv);
         protocol::encode_sync_step2(&diff)
@@ -226,8 +220,8 @@ impl Document {
     /// blocks whose encoding does not decode again (found by the fuzzer), and compaction calls
     /// this from the document actor.
     pub fn encode_state(&self) -> Vec<u8> {
-        if let Some(state) = self.dormant_state(&StateVector::default()) {
-            return state.to_vec();
+        if let Some(d) = self.dormant_for(&StateVector::default()) {
+            return d.state().to_vec();
         }
         self.doc()
             .transact()
@@ -236,8 +230,8 @@ impl Document {
 
     /// What a peer holding `sv` lacks, as one v1 update.
     pub fn encode_diff(&self, sv: &StateVector) -> Vec<u8> {
-        if let Some(state) = self.dormant_state(sv) {
-            return state.to_vec();
+        if let Some(d) = self.dormant_for(sv) {
+            return d.state().to_vec();
         }
         self.doc().transact().encode_diff_v1(sv)
     }

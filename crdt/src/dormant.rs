@@ -63,8 +63,10 @@ impl Dormant {
     }
 }
 
-/// A yrs document holding `state`, as a load from a snapshot builds it.
+/// A yrs document holding `state`: a snapshot loaded, or a dormant document woken.
 pub(crate) fn doc_from_state(state: &[u8]) -> Result<Doc, DocumentError> {
+    // gc stays on: tombstone content is dropped as in the reference server, which keeps the
+    // memory of long-edited documents close to their visible size.
     let doc = Doc::new();
     let update = Update::decode_v1(state).map_err(|source| DocumentError::CorruptStored {
         what: "snapshot",

@@ -1,11 +1,11 @@
 //! A map for the per-document tables that usually hold a handful of entries (a document's
-//! connections, its awareness clients): a list (`ThinVec`) searched in order, indexed by a hash map only
-//! once it is large.
+//! connections, its awareness clients): a list (`ThinVec`) searched in order, indexed by a hash
+//! map only once it is large.
 //!
 //! Every open document has such tables, and a hash map's smallest table (four buckets) cost a
-//! document more than its few entries did. Up to `EXACT_UP_TO` entries the `Vec` grows by exactly
+//! document more than its few entries did. Up to `EXACT_UP_TO` entries the list grows by exactly
 //! one; past `INDEX_FROM` a map from key to position keeps lookups O(1) (the keys may come from
-//! clients, so the index uses std's randomly seeded hasher). Iteration walks the `Vec`.
+//! clients, so the index uses std's randomly seeded hasher). Iteration walks the list.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -15,7 +15,7 @@ use thin_vec::ThinVec;
 /// Entries from which lookups go through the index; it is dropped again at half of this.
 const INDEX_FROM: usize = 16;
 
-/// Entries up to which the `Vec` grows by exactly one.
+/// Entries up to which the list grows by exactly one.
 const EXACT_UP_TO: usize = 4;
 
 pub struct SmallMap<K, V> {
