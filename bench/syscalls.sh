@@ -8,6 +8,7 @@
 #   bench/syscalls.sh                                   # fanout-50 at 1,000 edits/s, collab and y-sweet
 #   READERS=200 RATE=200 SERVERS="collab ref" bench/syscalls.sh
 #   COLLAB=/tmp/other/collab bench/syscalls.sh
+#   SERVERS="collab collab-tmpfs y-sweet" bench/syscalls.sh   # collab-tmpfs: data folder on tmpfs
 #
 # Needs perf with tracepoint access (root, or kernel.perf_event_paranoid <= 1) and the reference
 # servers from bench/install-ref.sh.
@@ -37,11 +38,17 @@ for s in $SERVERS; do
     collab)
       limit=""; [ "$RATE" -gt 200 ] && limit="--rate-limit-messages $((RATE * 2))"
       cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit"; match="^$COLLAB --addr"; proto=y ;;
+    collab-tmpfs)
+      # The same binary with its data folder on tmpfs (fdatasync returns at once): what the
+      # figures are without durability's device work.
+      limit=""; [ "$RATE" -gt 200 ] && limit="--rate-limit-messages $((RATE * 2))"
+      cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit"; match="^$COLLAB --addr"; proto=y ;;
     y-sweet) cmd="$YSWEET serve {dir}/store --host 127.0.0.1 --port {port}"; match="^$YSWEET serve"; proto=y-sweet ;;
     ref) cmd="env HOST=127.0.0.1 PORT={port} node $REF_JS"; match="^node $REF_JS"; proto=y ;;
     *) echo "unknown server $s" >&2; exit 1 ;;
   esac
-  "$GEN" fanout --readers "$READERS" --rate "$RATE" --warmup 2 --duration $((WINDOW + 7)) --drain 2 \
+  tmp="${TMPDIR:-/tmp}"; [ "$s" = collab-tmpfs ] && tmp="${TMPFS_DIR:-/dev/shm}"
+  TMPDIR="$tmp" "$GEN" fanout --readers "$READERS" --rate "$RATE" --warmup 2 --duration $((WINDOW + 7)) --drain 2 \
     --protocol "$proto" --server-cmd "$cmd" --server-label "$s" --max-seconds 120 \
     >"$OUT/$s.bench" 2>&1 &
   gen=$!

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
+mod attribution;
 mod charts;
 mod targets;
 
@@ -545,6 +546,7 @@ pub fn run(a: &ReportArgs) -> anyhow::Result<()> {
         writeln!(md)?;
     }
     targets(&mut md, &recs, &a.base, &a.reference)?;
+    attribution::durability_share(&mut md, &recs, &a.base)?;
     if let Some(dir) = &a.charts {
         let written = charts(dir, &recs, &servers, &names)?;
         if !written.is_empty() {
