@@ -45,6 +45,7 @@ for s in $SERVERS; do
       cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit"; match="^$COLLAB --addr"; proto=y ;;
     y-sweet) cmd="$YSWEET serve {dir}/store --host 127.0.0.1 --port {port}"; match="^$YSWEET serve"; proto=y-sweet ;;
     ref) cmd="env HOST=127.0.0.1 PORT={port} node $REF_JS"; match="^node $REF_JS"; proto=y ;;
+    floor) cmd="$GEN floor --addr 127.0.0.1:{port}"; match="^$GEN floor"; proto=y ;;
     *) echo "unknown server $s" >&2; exit 1 ;;
   esac
   tmp="${TMPDIR:-/tmp}"; [ "$s" = collab-tmpfs ] && tmp="${TMPFS_DIR:-/dev/shm}"

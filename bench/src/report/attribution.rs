@@ -13,7 +13,7 @@ use super::{fmt, median, num};
 pub(super) const TMPFS: &str = "collab-tmpfs";
 
 /// Measurements with a CPU figure per delivery: the fan-out points, then the rooms edits.
-const POINTS: [&str; 8] = [
+pub(super) const POINTS: [&str; 8] = [
     "fanout-50",
     "fanout-200",
     "fanout-1000",
@@ -28,7 +28,7 @@ const POINTS: [&str; 8] = [
 const PEERS: [&str; 3] = ["y-sweet", "ref", "floor"];
 
 /// Server CPU per delivered update (fan-out) or per delivered edit (rooms' edit phase).
-fn cpu_per_delivery(r: &Value) -> Option<f64> {
+fn one_run(r: &Value) -> Option<f64> {
     num(r, &["cpu_us_per_delivery"]).or_else(|| {
         let busy = num(r, &["edits", "server_cpu_util"])?;
         let secs = num(r, &["edits", "seconds"])?;
@@ -37,11 +37,12 @@ fn cpu_per_delivery(r: &Value) -> Option<f64> {
     })
 }
 
-fn cpu(recs: &[Value], name: &str, server: &str) -> Option<f64> {
+/// The median of [`one_run`] over the runs of one measurement against one server.
+pub(super) fn cpu_per_delivery(recs: &[Value], name: &str, server: &str) -> Option<f64> {
     median(
         recs.iter()
             .filter(|r| r["name"].as_str() == Some(name) && r["server"].as_str() == Some(server))
-            .filter_map(cpu_per_delivery)
+            .filter_map(one_run)
             .collect(),
     )
 }
@@ -50,14 +51,23 @@ fn cpu(recs: &[Value], name: &str, server: &str) -> Option<f64> {
 pub(super) fn durability_share(md: &mut String, recs: &[Value], base: &str) -> std::fmt::Result {
     let rows: Vec<(&str, f64, f64)> = POINTS
         .iter()
-        .filter_map(|&n| Some((n, cpu(recs, n, base)?, cpu(recs, n, TMPFS)?)))
+        .filter_map(|&n| {
+            Some((
+                n,
+                cpu_per_delivery(recs, n, base)?,
+                cpu_per_delivery(recs, n, TMPFS)?,
+            ))
+        })
         .collect();
     if rows.is_empty() {
         return Ok(());
     }
     let peers: Vec<&str> = PEERS
         .into_iter()
-        .filter(|p| rows.iter().any(|(n, _, _)| cpu(recs, n, p).is_some()))
+        .filter(|p| {
+            rows.iter()
+                .any(|(n, _, _)| cpu_per_delivery(recs, n, p).is_some())
+        })
         .collect();
     writeln!(
         md,
@@ -82,7 +92,7 @@ pub(super) fn durability_share(md: &mut String, recs: &[Value], base: &str) -> s
             100.0 * durability / with
         );
         for p in &peers {
-            match cpu(recs, name, p).filter(|&o| o > 0.0) {
+            match cpu_per_delivery(recs, name, p).filter(|&o| o > 0.0) {
                 Some(o) => write!(row, " {:.2}× | {:.2}× |", with / o, without / o)?,
                 None => row.push_str(" – | – |"),
             }

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use super::attribution::{cpu_per_delivery, POINTS};
 use super::{fmt, median, num};
 
 /// Median of one figure over the runs of one measurement against one server.
@@ -185,28 +186,18 @@ pub(super) fn targets(
     Ok(())
 }
 
-/// Server CPU per delivered update at every fan-out point against every peer, each with its own
-/// limit (issue 15: never behind the Node reference or y-sweet, half of LevelDB's, near the floor
-/// at 200 readers). Only measurements and servers that were run show up.
+/// Server CPU per delivered update at every fan-out point, and per delivered edit in the rooms
+/// cases' edit phase, against every peer, each with its own limit (issue 15: never behind the
+/// Node reference or y-sweet, half of LevelDB's, near the floor at 200 readers). Only
+/// measurements and servers that were run show up.
 fn cpu_targets(md: &mut String, recs: &[Value], base: &str) -> anyhow::Result<()> {
-    const POINTS: [&str; 6] = [
-        "fanout-50",
-        "fanout-200",
-        "fanout-1000",
-        "fanout-50-r1000",
-        "fanout-200-r1000",
-        "fanout-1000-r1000",
-    ];
     let peers: Vec<(&str, f64, &[&str])> = vec![
         ("ref", 1.0, &POINTS),
         ("y-sweet", 1.0, &POINTS),
         ("ref-leveldb", 0.5, &POINTS),
         ("floor", 1.3, &["fanout-200"]),
     ];
-    let run = |name: &str, server: &str| {
-        recs.iter()
-            .any(|r| r["name"].as_str() == Some(name) && r["server"].as_str() == Some(server))
-    };
+    let run = |name: &str, server: &str| cpu_per_delivery(recs, name, server).is_some();
     let peers: Vec<_> = peers
         .into_iter()
         .filter(|(p, _, _)| POINTS.iter().any(|n| run(n, p)))
@@ -216,7 +207,8 @@ fn cpu_targets(md: &mut String, recs: &[Value], base: &str) -> anyhow::Result<()
     }
     writeln!(
         md,
-        "Server CPU per delivered update, {base} ÷ each server (limit in brackets):\n"
+        "Server CPU per delivered update (rooms: per delivered edit), {base} ÷ each server \
+         (limit in brackets):\n"
     )?;
     let mut head = format!("| measurement | {base} µs |");
     let mut sep = String::from("|---|---:|");
@@ -225,12 +217,11 @@ fn cpu_targets(md: &mut String, recs: &[Value], base: &str) -> anyhow::Result<()
         sep.push_str("---:|");
     }
     writeln!(md, "{head}\n{sep}")?;
-    let path = ["cpu_us_per_delivery"];
     for name in POINTS.iter().filter(|n| run(n, base)) {
-        let b = figure(recs, name, base, &path);
+        let b = cpu_per_delivery(recs, name, base);
         let mut row = format!("| {name} | {} |", b.map_or("–".into(), fmt));
         for (p, limit, points) in &peers {
-            let cell = match (b, figure(recs, name, p, &path)) {
+            let cell = match (b, cpu_per_delivery(recs, name, p)) {
                 _ if !points.contains(name) => String::new(),
                 (Some(b), Some(o)) if o > 0.0 => {
                     let v = b / o;
@@ -245,4 +236,30 @@ fn cpu_targets(md: &mut String, recs: &[Value], base: &str) -> anyhow::Result<()
     }
     writeln!(md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_rooms_edit_phase_is_held_to_the_cpu_limits() {
+        let edits =
+            |util: f64| json!({"server_cpu_util": util, "seconds": 8.0, "delivered": 100000.0});
+        let recs = vec![
+            json!({"name": "fanout-200", "server": "collab", "cpu_us_per_delivery": 8.0}),
+            json!({"name": "fanout-200", "server": "y-sweet", "cpu_us_per_delivery": 10.0}),
+            json!({"name": "rooms-2500x4", "server": "collab", "edits": edits(0.5)}),
+            json!({"name": "rooms-2500x4", "server": "y-sweet", "edits": edits(0.25)}),
+            json!({"name": "rooms-2500x4", "server": "ref-leveldb", "edits": edits(2.0)}),
+        ];
+        let mut md = String::new();
+        cpu_targets(&mut md, &recs, "collab").unwrap();
+        assert!(md.contains("| fanout-200 | 8 | 0.80× met | – |"), "{md}");
+        assert!(
+            md.contains("| rooms-2500x4 | 40 | 2.00× **missed** | 0.25× met |"),
+            "{md}"
+        );
+    }
 }
