@@ -13,7 +13,7 @@ use crate::doc::messages::Outgoing;
 use crate::doc::outbox;
 use crate::telemetry::{Kind, METRICS};
 use crate::ws::close::CloseCode;
-use crate::ws::direct::{Direct, Offer};
+use crate::ws::direct::{Direct, Framed, Offer};
 
 /// What became of a message offered to one connection.
 enum Sent {
@@ -26,10 +26,10 @@ enum Sent {
 }
 
 /// Writes `bytes` straight into the connection's socket when it is ready (`ws::direct`), else
-/// queues it.
-fn offer(c: &Conn, mut bytes: Outgoing) -> Sent {
+/// queues it. `framed` is `bytes` with its WebSocket frame, built once for all recipients.
+fn offer(c: &Conn, mut bytes: Outgoing, framed: &Framed) -> Sent {
     if let Some(d) = &c.direct {
-        match d.offer(&bytes) {
+        match d.offer(framed) {
             Offer::Written => return Sent::Queued,
             // The session sends the rest before anything queued after it.
             Offer::Partial => bytes = Direct::tail_marker(),
@@ -70,7 +70,8 @@ impl DocActor {
         let Some(c) = self.conns.get(&conn) else {
             return false;
         };
-        match offer(c, bytes) {
+        let framed = Framed::new(&bytes);
+        match offer(c, bytes.clone(), &framed) {
             Sent::Queued => return true,
             Sent::Full => self.lost(conn, true, ctx),
             Sent::Closed => self.lost(conn, false, ctx),
@@ -80,11 +81,12 @@ impl DocActor {
 
     pub(super) fn broadcast(&mut self, bytes: Bytes, kind: Kind, ctx: &mut Context<Self>) {
         let len = bytes.len() as u64;
-        let bytes = Arc::new(bytes);
+        let framed = Framed::new(&bytes);
+        let bytes = Arc::new(bytes.clone());
         let mut sent = 0;
         let mut lost = Vec::new();
         for (id, c) in self.conns.iter() {
-            match offer(c, bytes.clone()) {
+            match offer(c, bytes.clone(), &framed) {
                 Sent::Queued => sent += 1,
                 Sent::Full => lost.push((*id, true)),
                 Sent::Closed => lost.push((*id, false)),
