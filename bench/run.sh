@@ -54,9 +54,8 @@ fi
 
 server_cmd() {
   case "$1" in
-    collab) echo "$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db" ;;
-    # {dir} is on tmpfs for this one: the generator makes it under TMPDIR (see below).
-    collab-tmpfs) echo "$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db" ;;
+    # collab-tmpfs differs only in where {dir} is: the generator makes it under TMPDIR (below).
+    collab | collab-tmpfs) echo "$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db" ;;
     ref) echo "env HOST=127.0.0.1 PORT={port} node $REF_JS" ;;
     ref-leveldb) echo "env HOST=127.0.0.1 PORT={port} YPERSISTENCE={dir}/leveldb node $REF_JS" ;;
     hocuspocus) echo "env HOST=127.0.0.1 PORT={port} node $BENCH/hocuspocus-server.cjs" ;;

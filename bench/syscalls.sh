@@ -35,12 +35,9 @@ done
 for s in $SERVERS; do
   # The command, the process to attach to (a pattern for pgrep -n) and the protocol.
   case "$s" in
-    collab)
-      limit=""; [ "$RATE" -gt 200 ] && limit="--rate-limit-messages $((RATE * 2))"
-      cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit"; match="^$COLLAB --addr"; proto=y ;;
-    collab-tmpfs)
-      # The same binary with its data folder on tmpfs (fdatasync returns at once): what the
-      # figures are without durability's device work.
+    # collab-tmpfs: the same binary with its data folder on tmpfs (fdatasync returns at once),
+    # what the figures are without durability's device work; {dir} is placed below.
+    collab | collab-tmpfs)
       limit=""; [ "$RATE" -gt 200 ] && limit="--rate-limit-messages $((RATE * 2))"
       cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit"; match="^$COLLAB --addr"; proto=y ;;
     y-sweet) cmd="$YSWEET serve {dir}/store --host 127.0.0.1 --port {port}"; match="^$YSWEET serve"; proto=y-sweet ;;

@@ -1,9 +1,9 @@
 //! A shared document: the yrs `Doc` with its awareness, and the rules for applying input to it.
 
 use std::cell::OnceCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use thiserror::Error;
 use yrs::sync::awareness::AwarenessUpdate;

@@ -65,17 +65,22 @@ pub enum Offer {
 
 /// A message and its WebSocket frame, built on the first direct write and shared by every
 /// socket of a broadcast: server frames are not masked, so one frame serves every recipient.
-pub struct Framed<'a> {
-    payload: &'a Bytes,
+pub struct Framed {
+    payload: Outgoing,
     frame: OnceCell<Vec<u8>>,
 }
 
-impl<'a> Framed<'a> {
-    pub fn new(payload: &'a Bytes) -> Self {
+impl Framed {
+    pub fn new(payload: Outgoing) -> Self {
         Framed {
             payload,
             frame: OnceCell::new(),
         }
+    }
+
+    /// The message itself, for a connection's queue.
+    pub fn payload(&self) -> &Outgoing {
+        &self.payload
     }
 
     fn frame(&self) -> &[u8] {
@@ -83,7 +88,7 @@ impl<'a> Framed<'a> {
             let (head, head_len) = header(self.payload.len());
             let mut frame = Vec::with_capacity(head_len + self.payload.len());
             frame.extend_from_slice(&head[..head_len]);
-            frame.extend_from_slice(self.payload);
+            frame.extend_from_slice(&self.payload);
             frame
         })
     }
@@ -220,7 +225,7 @@ mod tests {
         use std::os::unix::net::UnixStream;
 
         let payload = Bytes::from((0..60_000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        let framed = Framed::new(&payload);
+        let framed = Framed::new(Arc::new(payload.clone()));
         let mut expected = vec![0x82, 126];
         expected.extend_from_slice(&60_000u16.to_be_bytes());
         expected.extend_from_slice(&payload);

@@ -25,11 +25,12 @@ enum Sent {
     Closed,
 }
 
-/// Writes `bytes` straight into the connection's socket when it is ready (`ws::direct`), else
-/// queues it. `framed` is `bytes` with its WebSocket frame, built once for all recipients.
-fn offer(c: &Conn, mut bytes: Outgoing, framed: &Framed) -> Sent {
+/// Writes `msg` straight into the connection's socket when it is ready (`ws::direct`), else
+/// queues it.
+fn offer(c: &Conn, msg: &Framed) -> Sent {
+    let mut bytes = msg.payload().clone();
     if let Some(d) = &c.direct {
-        match d.offer(framed) {
+        match d.offer(msg) {
             Offer::Written => return Sent::Queued,
             // The session sends the rest before anything queued after it.
             Offer::Partial => bytes = Direct::tail_marker(),
@@ -70,8 +71,7 @@ impl DocActor {
         let Some(c) = self.conns.get(&conn) else {
             return false;
         };
-        let framed = Framed::new(&bytes);
-        match offer(c, bytes.clone(), &framed) {
+        match offer(c, &Framed::new(bytes)) {
             Sent::Queued => return true,
             Sent::Full => self.lost(conn, true, ctx),
             Sent::Closed => self.lost(conn, false, ctx),
@@ -81,12 +81,11 @@ impl DocActor {
 
     pub(super) fn broadcast(&mut self, bytes: Bytes, kind: Kind, ctx: &mut Context<Self>) {
         let len = bytes.len() as u64;
-        let framed = Framed::new(&bytes);
-        let bytes = Arc::new(bytes.clone());
+        let msg = Framed::new(Arc::new(bytes));
         let mut sent = 0;
         let mut lost = Vec::new();
         for (id, c) in self.conns.iter() {
-            match offer(c, bytes.clone(), &framed) {
+            match offer(c, &msg) {
                 Sent::Queued => sent += 1,
                 Sent::Full => lost.push((*id, true)),
                 Sent::Closed => lost.push((*id, false)),
