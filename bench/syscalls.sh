@@ -8,6 +8,7 @@
 #   bench/syscalls.sh                                   # fanout-50 at 1,000 edits/s, collab and y-sweet
 #   READERS=200 RATE=200 SERVERS="collab ref" bench/syscalls.sh
 #   COLLAB=/tmp/other/collab bench/syscalls.sh
+#   COLLAB_ARGS="--workers 1" SERVERS=collab bench/syscalls.sh      # extra collab options
 #   SERVERS="collab collab-tmpfs y-sweet" bench/syscalls.sh   # collab-tmpfs: data folder on tmpfs
 #
 # Needs perf with tracepoint access (root, or kernel.perf_event_paranoid <= 1) and the reference
@@ -39,7 +40,7 @@ for s in $SERVERS; do
     # what the figures are without durability's device work; {dir} is placed below.
     collab | collab-tmpfs)
       limit=""; [ "$RATE" -gt 200 ] && limit="--rate-limit-messages $((RATE * 2))"
-      cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit"; match="^$COLLAB --addr"; proto=y ;;
+      cmd="$COLLAB --addr 127.0.0.1:{port} --data-dir {dir}/db $limit ${COLLAB_ARGS:-}"; match="^$COLLAB --addr"; proto=y ;;
     y-sweet) cmd="$YSWEET serve {dir}/store --host 127.0.0.1 --port {port}"; match="^$YSWEET serve"; proto=y-sweet ;;
     ref) cmd="env HOST=127.0.0.1 PORT={port} node $REF_JS"; match="^node $REF_JS"; proto=y ;;
     floor) cmd="$GEN floor --addr 127.0.0.1:{port}"; match="^$GEN floor"; proto=y ;;
