@@ -186,7 +186,8 @@ pub struct Config {
     #[arg(long, hide = true, default_value_t = 0)]
     pub debug_flush_delay_ms: u64,
 
-    /// HTTP worker threads (default: one per core).
+    /// Worker threads (default: one per core). Each document runs on one of them, with its
+    /// plain WebSocket connections; documents spread over the workers.
     #[arg(long, env = "COLLAB_WORKERS")]
     pub workers: Option<usize>,
 

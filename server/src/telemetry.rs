@@ -97,6 +97,7 @@ pub struct Metrics {
     pub document_hibernations: IntCounter,
     pub document_loads: IntCounter,
     pub document_unloads: IntCounter,
+    pub connections_moved: IntCounter,
     pub compactions: IntCounter,
     pub storage_errors: IntCounter,
     pub apply_seconds: Histogram,
@@ -271,6 +272,11 @@ impl Metrics {
                 &r,
                 "collab_document_unloads_total",
                 "Documents unloaded from memory.",
+            ),
+            connections_moved: counter(
+                &r,
+                "collab_connections_moved_total",
+                "Connections moved, after the upgrade, to the worker thread running their document.",
             ),
             compactions: counter(
                 &r,

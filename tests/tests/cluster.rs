@@ -16,13 +16,6 @@ fn instance(redis: &Redis, extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
-fn metric(server: &Server, name: &str) -> f64 {
-    let (_, body) = http(server.addr, "GET", "/metrics", &[], b"");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn clients_on_three_instances_converge_and_a_late_joiner_gets_everything() {
     if !redis_available() {

@@ -337,3 +337,35 @@ async fn many_simultaneous_first_joins_load_the_document_once() {
     let loads = server.log().matches("document loaded").count();
     assert_eq!(loads, 2, "document loads:\n{}", server.log());
 }
+
+/// A document's connections run on its actor's worker thread (`ws::home`). With two workers,
+/// sockets the other worker accepted are moved there; each of them still sends, receives
+/// (written straight into it by the actor) and is closed with 1001 at shutdown.
+#[tokio::test]
+async fn connections_accepted_by_another_worker_move_to_their_document_and_keep_working() {
+    let mut server = Server::start(&["--workers", "2"]);
+    let url = server.url("home");
+    // The first loads the document on the worker that accepted it.
+    let mut clients = vec![synced_client(&url).await];
+    for _ in 0..8 {
+        clients.push(synced_client(&url).await);
+    }
+    let moved = metric(&server, "collab_connections_moved_total");
+    assert!((1.0..=8.0).contains(&moved), "moved: {moved}");
+    for (i, c) in clients.iter().enumerate() {
+        c.insert(0, &format!("[{i}]"));
+    }
+    let converged = || {
+        let text = clients[0].text();
+        text.len() == 27 && clients.iter().all(|c| c.text() == text)
+    };
+    assert!(
+        wait_until(WAIT, converged).await,
+        "{:?}",
+        clients.iter().map(|c| c.text()).collect::<Vec<_>>()
+    );
+    server.terminate();
+    for c in &clients {
+        assert_eq!(c.wait_closed().await, Some(1001));
+    }
+}

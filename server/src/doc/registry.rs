@@ -6,8 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use actix::prelude::*;
+use actix_rt::ArbiterHandle;
 use collab_storage::Store;
 use tracing::warn;
 
@@ -28,9 +30,23 @@ pub struct Registry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegistryFull(pub usize);
 
+/// A loaded document: its actor, and the worker thread whose event loop runs it.
+struct Loaded {
+    addr: Addr<DocActor>,
+    home: Option<Home>,
+}
+
+/// The worker thread a document's actor runs on; its new connections are moved there
+/// (`ws::home`).
+#[derive(Clone)]
+struct Home {
+    thread: ThreadId,
+    arbiter: ArbiterHandle,
+}
+
 #[derive(Default)]
 struct Docs {
-    actors: HashMap<Arc<str>, Addr<DocActor>>,
+    actors: HashMap<Arc<str>, Loaded>,
     /// Idle documents (no connections) by when they became idle, oldest first; and the key of
     /// each in that order.
     idle: BTreeMap<u64, Arc<str>>,
@@ -91,9 +107,9 @@ impl Registry {
     /// race to open it.
     pub fn get_or_start(&self, name: &str) -> Result<Addr<DocActor>, RegistryFull> {
         let mut docs = self.lock();
-        if let Some(addr) = docs.actors.get(name) {
-            if addr.connected() {
-                return Ok(addr.clone());
+        if let Some(loaded) = docs.actors.get(name) {
+            if loaded.addr.connected() {
+                return Ok(loaded.addr.clone());
             }
         }
         let max = self.inner.config.max_loaded_documents.max(1);
@@ -108,14 +124,23 @@ impl Registry {
                 return Err(RegistryFull(max));
             };
             docs.idle_key.remove(&oldest);
-            if let Some(addr) = docs.actors.get(&oldest) {
+            if let Some(loaded) = docs.actors.get(&oldest) {
                 count(|c| &c.documents_evicted);
-                addr.do_send(Evict);
+                loaded.addr.do_send(Evict);
             }
         }
         let name: Arc<str> = Arc::from(name);
+        // Started on this thread's event loop, as `start` does.
+        let home = Arbiter::try_current().map(|arbiter| Home {
+            thread: std::thread::current().id(),
+            arbiter,
+        });
         let addr = DocActor::new(name.clone(), self.clone()).start();
-        docs.actors.insert(name, addr.clone());
+        let loaded = Loaded {
+            addr: addr.clone(),
+            home,
+        };
+        docs.actors.insert(name, loaded);
         Ok(addr)
     }
 
@@ -124,8 +149,18 @@ impl Registry {
         self.lock()
             .actors
             .get(name)
-            .filter(|a| a.connected())
-            .cloned()
+            .filter(|l| l.addr.connected())
+            .map(|l| l.addr.clone())
+    }
+
+    /// The event loop of the worker thread running `name`'s actor, if the document is loaded
+    /// and that is another thread than this one.
+    pub fn home_elsewhere(&self, name: &str) -> Option<ArbiterHandle> {
+        let here = std::thread::current().id();
+        let docs = self.lock();
+        let loaded = docs.actors.get(name).filter(|l| l.addr.connected())?;
+        let home = loaded.home.as_ref().filter(|h| h.thread != here)?;
+        Some(home.arbiter.clone())
     }
 
     /// The document has no connections: it may be evicted, oldest first.
@@ -145,7 +180,7 @@ impl Registry {
     /// Forgets `name` if it still maps to `addr` (a newer actor may already own the name).
     pub fn remove(&self, name: &str, addr: &Addr<DocActor>) {
         let mut docs = self.lock();
-        if docs.actors.get(name).is_some_and(|a| a == addr) {
+        if docs.actors.get(name).is_some_and(|l| &l.addr == addr) {
             docs.actors.remove(name);
             shrink_if_sparse(&mut docs.actors);
             docs.forget_idle(name);
@@ -154,7 +189,11 @@ impl Registry {
 
     /// Every loaded document's actor, for sampling at scrape time.
     pub fn actors(&self) -> Vec<Addr<DocActor>> {
-        self.lock().actors.values().cloned().collect()
+        self.lock()
+            .actors
+            .values()
+            .map(|l| l.addr.clone())
+            .collect()
     }
 
     pub fn open_documents(&self) -> usize {

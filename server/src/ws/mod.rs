@@ -4,6 +4,7 @@
 pub mod close;
 pub mod direct;
 pub mod hocuspocus;
+mod home;
 pub mod io;
 pub mod limits;
 pub mod metered;

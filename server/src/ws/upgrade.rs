@@ -9,7 +9,7 @@ use actix_codec::Framed;
 use actix_http::body::BodySize;
 use actix_http::{h1, ws, Request, Response, StatusCode};
 use actix_web::http::header;
-use actix_web::web::Bytes;
+use actix_web::web::{Bytes, BytesMut};
 use actix_web::HttpMessage;
 use futures_util::SinkExt;
 use tokio::sync::watch;
@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::hocuspocus;
+use super::home;
 use super::io::Io;
 use super::limits::{client_ip, SlotRefusal, Slots};
 use super::metered::{IncomingBudget, Metered};
@@ -251,6 +252,32 @@ pub async fn upgrade<T: Io>(
         .send(h1::Message::Item((res, BodySize::None)))
         .await?;
     let parts = framed.into_parts();
+    match admitted {
+        Admission::Document(admitted) => {
+            // Moved to the document's thread, or started here.
+            if let Some((admitted, io, read_buf)) =
+                home::send_home(&up, admitted, parts.io, parts.read_buf)
+            {
+                start_document(up, io, read_buf, admitted).await;
+            }
+        }
+        Admission::Hocuspocus(admitted) => {
+            let socket = websocket(&up, parts.io, &parts.read_buf).await;
+            let shutdown = up.shutdown.clone();
+            let tracker = up.connections.clone();
+            let session = hocuspocus::run(socket, admitted, up, shutdown);
+            actix_web::rt::spawn(tracker.track_future(session));
+        }
+    }
+    Ok(())
+}
+
+/// The WebSocket over an upgraded socket; `read_buf` holds what was read past the request.
+async fn websocket<T: Io>(
+    up: &Upgrades,
+    io: T,
+    read_buf: &BytesMut,
+) -> WebSocketStream<Metered<T>> {
     let max = up.registry.config().max_message_size;
     // A small read buffer: tungstenite zero-fills its whole capacity, so its 128 KiB default
     // would be resident for every idle connection. An edit or a cursor fits in 256 bytes; a
@@ -261,27 +288,20 @@ pub async fn upgrade<T: Io>(
         .write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
-    let io = Metered::new(parts.io, up.budget.clone(), &parts.read_buf);
-    let socket = WebSocketStream::from_partially_read(
-        io,
-        parts.read_buf.to_vec(),
-        Role::Server,
-        Some(ws_config),
-    )
-    .await;
-    match admitted {
-        Admission::Document(admitted) => {
-            let session = session::run(socket, admitted, up.registry.clone(), up.shutdown.clone());
-            actix_web::rt::spawn(up.connections.track_future(session));
-        }
-        Admission::Hocuspocus(admitted) => {
-            let shutdown = up.shutdown.clone();
-            let tracker = up.connections.clone();
-            let session = hocuspocus::run(socket, admitted, up, shutdown);
-            actix_web::rt::spawn(tracker.track_future(session));
-        }
-    }
-    Ok(())
+    let io = Metered::new(io, up.budget.clone(), read_buf);
+    WebSocketStream::from_partially_read(io, read_buf.to_vec(), Role::Server, Some(ws_config)).await
+}
+
+/// Starts a document's session on this thread.
+pub(super) async fn start_document<T: Io>(
+    up: Upgrades,
+    io: T,
+    read_buf: BytesMut,
+    admitted: Admitted,
+) {
+    let socket = websocket(&up, io, &read_buf).await;
+    let session = session::run(socket, admitted, up.registry.clone(), up.shutdown.clone());
+    actix_web::rt::spawn(up.connections.track_future(session));
 }
 
 enum Admission {

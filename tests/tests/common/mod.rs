@@ -130,6 +130,14 @@ use yrs::{Doc, GetString, IdSet, ReadTxn, Text, Transact, Update, ID};
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Path of the `collab` binary: `COLLAB_BIN`, else the one built next to this test executable.
+/// A metric without labels from the server's /metrics (0 when absent).
+pub fn metric(server: &Server, name: &str) -> f64 {
+    let (_, body) = http(server.addr, "GET", "/metrics", &[], b"");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn collab_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("COLLAB_BIN") {
         return PathBuf::from(p);
