@@ -28,16 +28,14 @@ enum Sent {
 /// Writes `msg` straight into the connection's socket when it is ready (`ws::direct`), else
 /// queues it.
 fn offer(c: &Conn, msg: &Framed) -> Sent {
-    let mut bytes = msg.payload().clone();
-    if let Some(d) = &c.direct {
-        match d.offer(msg) {
-            Offer::Written => return Sent::Queued,
-            // The session sends the rest before anything queued after it.
-            Offer::Partial => bytes = Direct::tail_marker(),
-            Offer::Queue => {}
-        }
-    }
-    match c.tx.try_send(bytes) {
+    let queued = match c.direct.as_ref().map(|d| d.offer(msg)) {
+        Some(Offer::Written) => return Sent::Queued,
+        // The session sends the rest before anything queued after it.
+        Some(Offer::Partial) => Direct::tail_marker(),
+        // Cloned only here: a direct write needs no reference of its own.
+        Some(Offer::Queue) | None => msg.payload().clone(),
+    };
+    match c.tx.try_send(queued) {
         Ok(()) => Sent::Queued,
         Err(outbox::TrySendError::Full(_)) => Sent::Full,
         Err(outbox::TrySendError::Closed(_)) => Sent::Closed,
