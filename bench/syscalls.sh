@@ -9,6 +9,8 @@
 #   READERS=200 RATE=200 SERVERS="collab ref" bench/syscalls.sh
 #   COLLAB=/tmp/other/collab bench/syscalls.sh
 #   COLLAB_ARGS="--workers 1" SERVERS=collab bench/syscalls.sh      # extra collab options
+#   ROOMS=2500 SERVERS="collab y-sweet" bench/syscalls.sh  # rooms: 2,500 documents x 4 clients,
+#                                      # 1 edit/s each; figures per delivered edit, in the edit phase
 #   SERVERS="collab collab-tmpfs y-sweet" bench/syscalls.sh   # collab-tmpfs: data folder on tmpfs
 #
 # Needs perf with tracepoint access (root, or kernel.perf_event_paranoid <= 1) and the reference
@@ -25,7 +27,10 @@ RATE="${RATE:-1000}"
 SERVERS="${SERVERS:-collab y-sweet}"
 OUT="$BENCH/out/syscalls-$(date -u +%Y%m%dT%H%M%SZ)"
 WINDOW=6
+ROOMS="${ROOMS:-}"
 mkdir -p "$OUT"
+# rooms: 4 sockets per document here and as many in the server.
+[ -n "$ROOMS" ] && { ulimit -n $((ROOMS * 4 + 1000)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"; }
 [ -x "$GEN" ] || (cd "$ROOT" && cargo build --release -p collab-bench)
 [ -x "$COLLAB" ] || (cd "$ROOT" && cargo build --release -p collab-server --bin collab)
 EVENTS=context-switches
@@ -47,11 +52,19 @@ for s in $SERVERS; do
     *) echo "unknown server $s" >&2; exit 1 ;;
   esac
   tmp="${TMPDIR:-/tmp}"; [ "$s" = collab-tmpfs ] && tmp="${TMPFS_DIR:-/dev/shm}"
-  TMPDIR="$tmp" "$GEN" fanout --readers "$READERS" --rate "$RATE" --warmup 2 --duration $((WINDOW + 7)) --drain 2 \
+  if [ -n "$ROOMS" ]; then
+    # Connecting and the 3 s settle take up to 7 s; the edit phase outlasts the window.
+    load=(rooms --docs "$ROOMS" --per-doc 4 --settle 3 --edit-seconds $((WINDOW + 12)))
+    deliveries=$((ROOMS * 3 * WINDOW)) unit="delivered edit" warm=9
+  else
+    load=(fanout --readers "$READERS" --rate "$RATE" --warmup 2 --duration $((WINDOW + 7)) --drain 2)
+    deliveries=$((READERS * RATE * WINDOW)) unit=delivery warm=5
+  fi
+  TMPDIR="$tmp" "$GEN" "${load[@]}" \
     --protocol "$proto" --server-cmd "$cmd" --server-label "$s" --max-seconds 120 \
     >"$OUT/$s.bench" 2>&1 &
   gen=$!
-  sleep 5
+  sleep "$warm"
   pid="$(pgrep -n -f "$match")" || { echo "$s: server not found" >&2; wait "$gen"; continue; }
   if [ -n "${PERF_RECORD:-}" ]; then
     perf record -q -F 2000 -g -p "$pid" -o "$OUT/$s.data" -- sleep 2 2>/dev/null || true
@@ -61,16 +74,16 @@ for s in $SERVERS; do
   read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$pid/stat")
   wait "$gen" || echo "$s: the load generator failed, see $OUT/$s.bench" >&2
   hz="$(getconf CLK_TCK)"
-  python3 - "$s" "$OUT/$s.perf" "$((READERS * RATE * WINDOW))" "$((u1 - u0))" "$((s1 - s0))" "$hz" <<'PY'
+  python3 - "$s" "$OUT/$s.perf" "$deliveries" "$((u1 - u0))" "$((s1 - s0))" "$hz" "$unit" <<'PY'
 import sys
-name, path, deliveries, du, ds, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+name, path, deliveries, du, ds, hz, unit = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 per = lambda ticks: ticks / hz * 1e6 / deliveries
-print(f"== {name}: {deliveries} deliveries; user {per(du):.2f} µs, system {per(ds):.2f} µs per delivery")
+print(f"== {name}: {deliveries} deliveries; user {per(du):.2f} µs, system {per(ds):.2f} µs per {unit}")
 for line in open(path):
     f = line.strip().split(",")
     if len(f) < 3 or line.startswith("#") or not f[0].isdigit():
         continue
-    print(f"{int(f[0]):>10} {int(f[0]) / deliveries:8.4f} per delivery  {f[2].replace('syscalls:sys_enter_', '')}")
+    print(f"{int(f[0]):>10} {int(f[0]) / deliveries:8.4f} per {unit}  {f[2].replace('syscalls:sys_enter_', '')}")
 PY
 done
 echo "raw: $OUT" >&2
