@@ -37,7 +37,7 @@ fn format_1_folders_are_converted() {
         }
         db.flush().unwrap();
     }
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = reopen(dir.path());
     let stored = store.load("old").unwrap();
     assert_eq!(stored.snapshot.as_deref(), Some(&b"snap01"[..]));
     assert_eq!(stored.log, vec![(3, vec![3]), (4, vec![4])]);
