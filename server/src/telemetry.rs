@@ -98,6 +98,7 @@ pub struct Metrics {
     pub document_loads: IntCounter,
     pub document_unloads: IntCounter,
     pub connections_moved: IntCounter,
+    pub broadcasts_paced: IntCounter,
     pub compactions: IntCounter,
     pub storage_errors: IntCounter,
     pub apply_seconds: Histogram,
@@ -277,6 +278,11 @@ impl Metrics {
                 &r,
                 "collab_connections_moved_total",
                 "Connections moved, after the upgrade, to the worker thread running their document.",
+            ),
+            broadcasts_paced: counter(
+                &r,
+                "collab_broadcasts_paced_total",
+                "Broadcasts held back so that one document's sends stay within --max-send-share of its thread.",
             ),
             compactions: counter(
                 &r,

@@ -369,3 +369,41 @@ async fn connections_accepted_by_another_worker_move_to_their_document_and_keep_
         assert_eq!(c.wait_closed().await, Some(1001));
     }
 }
+
+/// `--max-send-share`: a document whose broadcasts would take more than that share of its
+/// thread holds the next one back and sends what arrived meanwhile as one merged message;
+/// every reader still gets every edit. At 100 nothing is ever held back.
+#[tokio::test]
+async fn a_busy_document_merges_its_broadcasts_to_stay_within_its_send_share() {
+    const EDITS: usize = 150;
+    for (share, paces) in [("2", true), ("100", false)] {
+        let server = Server::start(&["--max-send-share", share]);
+        let url = server.url("busy");
+        let mut readers = Vec::new();
+        for _ in 0..40 {
+            readers.push(synced_client(&url).await);
+        }
+        let writer = synced_client(&url).await;
+        for i in 0..EDITS {
+            writer.insert(i as u32, "x");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let all = "x".repeat(EDITS);
+        let converged = || readers.iter().all(|r| r.text() == all);
+        assert!(
+            wait_until(WAIT, converged).await,
+            "share {share}: readers missed edits"
+        );
+        let paced = metric(&server, "collab_broadcasts_paced_total");
+        let messages = readers[0].seen.lock().unwrap().updates_received;
+        if paces {
+            assert!(paced > 0.0, "share {share}: nothing held back");
+            assert!(
+                messages < EDITS / 2,
+                "share {share}: {messages} messages for {EDITS} edits"
+            );
+        } else {
+            assert_eq!(paced, 0.0, "share {share}: held back {paced} times");
+        }
+    }
+}

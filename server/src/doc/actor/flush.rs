@@ -5,16 +5,39 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::pace::thread_cpu_time;
 use super::{DocActor, Pending};
+use crate::telemetry::METRICS;
 
 /// However idle the thread looks, an inline flush needs at least this much quiet before it.
 const MIN_IDLE_FOR_INLINE: Duration = Duration::from_micros(500);
 
 impl DocActor {
     /// Asks for a flush covering every pending entry, unless one is in flight (its completion
-    /// asks again for whatever arrived meanwhile).
+    /// asks again for whatever arrived meanwhile). While this document's broadcasts are over
+    /// their share of the thread (`pace.rs`) the flush waits, counted as in flight, and then
+    /// covers everything that arrived meanwhile.
     pub(super) fn request_flush(&mut self, ctx: &mut Context<Self>) {
         if self.flushing.is_some() || self.pending.is_empty() {
+            return;
+        }
+        let share = self.registry.config().max_send_share;
+        match self.send_budget.wait(Instant::now(), share) {
+            Some(wait) => {
+                METRICS.broadcasts_paced.inc();
+                // In flight as far as stopping and deleting are concerned; recounted at start.
+                self.flushing = Some(0);
+                ctx.run_later(wait, |act, ctx| {
+                    act.flushing = None;
+                    act.start_flush(ctx);
+                });
+            }
+            None => self.start_flush(ctx),
+        }
+    }
+
+    fn start_flush(&mut self, ctx: &mut Context<Self>) {
+        if self.pending.is_empty() {
             return;
         }
         // A flush covers what was pending when it was asked for: far fewer than 2^32 entries.
@@ -45,7 +68,7 @@ impl DocActor {
     /// behind; at 50 readers and 1,000 edits/s (0.3 ms of sends, 0.7 ms quiet) it saves two
     /// thread wake-ups per update.
     fn idle_enough_to_flush_inline(&self) -> bool {
-        self.quiet_from.is_none_or(|t| Instant::now() >= t)
+        self.send_budget.quiet(Instant::now(), MIN_IDLE_FOR_INLINE)
     }
 
     pub(super) fn flushed(&mut self, result: Result<(), String>, ctx: &mut Context<Self>) {
@@ -57,9 +80,12 @@ impl DocActor {
         let durable: Vec<Pending> = self.pending.drain(..covered as usize).collect();
         let changed = durable.iter().any(|p| matches!(p, Pending::Update(..)));
         let started = Instant::now();
+        let cpu = thread_cpu_time();
         self.deliver(durable, ctx);
-        let took = started.elapsed();
-        self.quiet_from = Some(started + took + took.max(MIN_IDLE_FOR_INLINE));
+        let cost = thread_cpu_time().saturating_sub(cpu);
+        let now = Instant::now();
+        let share = self.registry.config().max_send_share;
+        self.send_budget.spend(cost, now - started, now, share);
         if changed {
             self.changed_durably(ctx);
         }

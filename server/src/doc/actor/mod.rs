@@ -32,10 +32,13 @@ mod load;
 mod flush;
 // Sending to one connection or to all of them.
 mod send;
+// How much of its thread one document's broadcasts may take.
+mod pace;
 // Letting a quiet document keep only its bytes.
 mod hibernate;
 
 use load::{load, load_doc, LoadError};
+use pace::SendBudget;
 use remote::Following;
 
 use super::messages::{
@@ -88,7 +91,9 @@ pub struct DocActor {
     name: Arc<str>,
     registry: Registry,
     document: Option<Document>,
-    failed: Option<Box<str>>,
+    /// A thin pointer: 8 bytes less than `Box<str>` in every document, for a rare state.
+    #[allow(clippy::box_collection)]
+    failed: Option<Box<String>>,
     closing: bool,
     /// Most documents have a few connections: see `SmallMap`.
     conns: SmallMap<Uuid, Conn>,
@@ -101,9 +106,10 @@ pub struct DocActor {
     pending: ThinVec<Pending>,
     /// How many `pending` entries the flush in flight covers.
     flushing: Option<u32>,
-    /// When this actor's thread counts as idle enough for an inline flush: the last delivery's
-    /// end plus as long as it took, and at least `MIN_IDLE_FOR_INLINE` (see `flush.rs`).
-    quiet_from: Option<Instant>,
+    /// Send time this document's broadcasts may still take (`--max-send-share`, `pace.rs`),
+    /// and when its thread counts as idle enough for an inline flush: the last delivery's
+    /// end plus as long as it took, and at least `MIN_IDLE_FOR_INLINE` (`flush.rs`).
+    send_budget: SendBudget,
     compacting: bool,
     /// Bumped whenever the document becomes idle or busy, so stale idle timers do nothing.
     idle_epoch: u32,
@@ -155,7 +161,7 @@ impl DocActor {
             snapshot_bytes: 0,
             pending: ThinVec::new(),
             flushing: None,
-            quiet_from: None,
+            send_budget: SendBudget::new(Instant::now()),
             compacting: false,
             idle_epoch: 0,
             idle_timer: None,
@@ -251,7 +257,7 @@ impl DocActor {
         for (_, c) in self.conns.take_all() {
             c.kick.kick(code, "document unavailable, retry");
         }
-        self.failed = Some(reason.into());
+        self.failed = Some(Box::new(reason));
         self.closing = true;
         self.registry.remove(&self.name, &ctx.address());
         ctx.stop();
@@ -449,7 +455,7 @@ impl Actor for DocActor {
                 Err(e) => {
                     error!(doc = %act.name, error = %e, "cannot load document; it is not served");
                     METRICS.storage_errors.inc();
-                    act.failed = Some(e.to_string().into());
+                    act.failed = Some(Box::new(e.to_string()));
                     act.closing = true;
                     act.registry.remove(&act.name, &ctx.address());
                     // Answer the joins already queued with a clear error, then go.
