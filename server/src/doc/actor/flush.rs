@@ -36,10 +36,9 @@ impl DocActor {
         }
     }
 
+    /// Only `flushed` drains `pending`, and it cannot run while a hold is armed, so there is
+    /// always something to flush here.
     fn start_flush(&mut self, ctx: &mut Context<Self>) {
-        if self.pending.is_empty() {
-            return;
-        }
         // A flush covers what was pending when it was asked for: far fewer than 2^32 entries.
         self.flushing = Some(self.pending.len() as u32);
         if let Some(cluster) = self.registry.cluster().cloned() {
