@@ -6,7 +6,9 @@
 //! updates costs a reader about what one carrying one does.
 //!
 //! CPU time, not wall time: on a busy machine a delivery preempted half-way would otherwise
-//! count the other process's time against the document and delay its next broadcast.
+//! count the other process's time against the document and delay its next broadcast. A
+//! delivery to a few connections is charged its wall time instead (`flush.rs`): reading the
+//! thread's CPU clock is a system call, dearer there than what it would correct.
 
 use std::time::{Duration, Instant};
 
