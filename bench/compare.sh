@@ -4,6 +4,8 @@
 #
 #   bench/compare.sh BEFORE_BIN AFTER_BIN            # fanout-50/200/1000 at 200 edits/s, 3 rounds
 #   REPEAT=5 CASES="fanout-200 fanout-50-r1000" bench/compare.sh A B   # -rN: N edits/s
+#   CASES=rooms-2500x4 bench/compare.sh A B    # rooms-DxC: D documents x C clients, 1 edit/s each
+#                                              # for EDIT_SECONDS (default 5)
 #
 # Build a revision's binary with e.g.
 #   git worktree add /tmp/before REV && (cd /tmp/before && cargo build --release -p collab-server --bin collab)
@@ -21,6 +23,18 @@ ulimit -n 65536 2>/dev/null || true
 W="--warmup 2 --duration 8 --drain 3"
 for round in $(seq 1 "$REPEAT"); do
   for case in $CASES; do
+    if [[ "$case" == rooms-* ]]; then
+      spec="${case#rooms-}"
+      for side in before after; do
+        bin="$BEFORE"; [ "$side" = after ] && bin="$AFTER"
+        echo "### $case · $side (round $round of $REPEAT)" >&2
+        "$GEN" rooms --docs "${spec%x*}" --per-doc "${spec#*x}" --settle 3 --edit-seconds "${EDIT_SECONDS:-5}" \
+          --name "$case" --server-label "$side" \
+          --server-cmd "$bin --addr 127.0.0.1:{port} --data-dir {dir}/db" \
+          --json-out "$OUT/results.jsonl" --max-seconds 90 >/dev/null
+      done
+      continue
+    fi
     # fanout-R at 200 edits/s, fanout-R-rN at N edits/s (with run.sh's raised rate limit).
     spec="${case#fanout-}"
     readers="${spec%%-r*}"
@@ -39,6 +53,12 @@ done
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+for r in rows:
+    if r.get("scenario") == "rooms":
+        # Per delivered edit, as RESULTS.md's rooms tables count it.
+        e = r["edits"]
+        r["cpu_us_per_delivery"] = e["server_cpu_util"] * e["seconds"] * 1e6 / max(e["delivered"], 1)
+        r["lat_ms"], r["delivered"], r["expected"] = e["lat_ms"], e["delivered"], e["expected"]
 by = {}
 for r in rows:
     by.setdefault((r["name"], r["server"]), []).append(r)
