@@ -184,8 +184,8 @@ pub struct Config {
     /// The most of its worker thread's time (percent) one document's broadcasts may take,
     /// counted in CPU time (wall time below 16 connections), with 5 ms in hand for bursts. A
     /// document over it holds its next broadcast back (20 ms at most) and sends the updates
-    /// arriving meanwhile merged, one message per reader. Only a document with many readers and fast edits ever waits
-    /// (here: 200 readers at 1,000 edits/s, not 50). 100 never waits.
+    /// arriving meanwhile merged, one message per reader. Only a document with many readers
+    /// and fast edits ever waits (here: 200 readers at 1,000 edits/s, not 50). 100 never waits.
     #[arg(long, env = "COLLAB_MAX_SEND_SHARE", default_value_t = 50,
           value_parser = clap::value_parser!(u8).range(1..=100))]
     pub max_send_share: u8,
